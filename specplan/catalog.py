@@ -1,0 +1,115 @@
+"""Finding models and hardware profiles by short name or path.
+
+Models: a path to a ``config.json`` or to a model folder, or a name from the bundled catalog
+(``profiles/models/<name>.json``, the published config.json of well-known models).
+Profiles: a path, a bundled name (``profiles/hardware/<name>.json``), or this machine's measured profiles in
+``$SPECPLAN_HOME/profiles`` (default ``~/.specplan/profiles``).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.model import ModelSpec, from_hf_config
+from specplan.errors import SpecplanError
+from specplan.jsonio import load, read_json
+
+
+def _bundled(kind: str) -> Path:
+    return Path(str(resources.files("specplan.profiles").joinpath(kind)))
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "-")
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+
+def catalog_models() -> dict[str, Path]:
+    """Short name -> bundled config.json, sorted by name."""
+    return {p.stem: p for p in sorted(_bundled("models").glob("*.json"))}
+
+
+def model_config_path(name_or_path: str) -> Path:
+    """The config.json a model argument refers to; ``SpecplanError`` saying what exists if none."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise SpecplanError(f"{p}: folder has no config.json; pass an HF model folder or a catalog name")
+        return cfg
+    if p.is_file():
+        return p
+    cat = catalog_models()
+    key = _key(name_or_path)
+    if key in cat:
+        return cat[key]
+    matches = [n for n in cat if n.startswith(key) or key in n]
+    if len(matches) == 1:
+        return cat[matches[0]]
+    hint = f"did you mean {' or '.join(matches)}?" if matches else "see `specplan models` for the catalog"
+    raise SpecplanError(f"unknown model '{name_or_path}': not a file, folder or catalog name; {hint}")
+
+
+def load_model_spec(name_or_path: str) -> ModelSpec:
+    cfg = model_config_path(name_or_path)
+    data = read_json(cfg)
+    in_catalog = cfg.parent == _bundled("models")
+    name = cfg.stem if in_catalog else (cfg.parent.name if cfg.name == "config.json" else cfg.stem)
+    return from_hf_config(data, name=name, source=str(cfg))
+
+
+# ---- hardware profiles ------------------------------------------------------------------------------------------
+
+
+def user_dir() -> Path:
+    return Path(os.environ.get("SPECPLAN_HOME", Path.home() / ".specplan")).expanduser()
+
+
+def user_profiles_dir() -> Path:
+    return user_dir() / "profiles"
+
+
+def bundled_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_bundled("hardware").glob("*.json"))}
+
+
+def measured_profiles() -> list[Path]:
+    """This machine's measured profiles, newest first (by file time)."""
+    d = user_profiles_dir()
+    if not d.is_dir():
+        return []
+    return sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def profile_path(name_or_path: str | None) -> Path:
+    """Resolve a profile argument; None means the newest measured profile of this machine."""
+    if name_or_path is None:
+        found = measured_profiles()
+        if not found:
+            raise SpecplanError(
+                f"no measured profile of this machine in {user_profiles_dir()}: run `specplan profile --quick` "
+                f"or pass --profile with a bundled one ({', '.join(bundled_profiles())})"
+            )
+        return found[0]
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    bundled = bundled_profiles()
+    key = _key(name_or_path)
+    if key in bundled:
+        return bundled[key]
+    mine = {q.stem: q for q in measured_profiles()}
+    if name_or_path in mine:
+        return mine[name_or_path]
+    raise SpecplanError(
+        f"unknown profile '{name_or_path}': not a file, and not bundled ({', '.join(bundled)}) or measured here"
+    )
+
+
+def load_profile(name_or_path: str | None = None) -> HardwareProfile:
+    return load(HardwareProfile, profile_path(name_or_path))

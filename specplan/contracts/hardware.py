@@ -1,0 +1,254 @@
+"""HardwareProfile: what a machine achieves, measured (``specplan profile``) or from published figures.
+
+The planner reads profiles only through the methods here (``Curve.at``, ``Link.time_s``,
+``ComputeUnit.matmul_flops`` ...), which interpolate over transfer size and matmul shape. Measured and published
+profiles go through the same interface.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+#: the link names a profile may carry.
+LINKS = (
+    "h2d_pinned",
+    "h2d_pageable",
+    "d2h_pinned",
+    "d2h_pageable",
+    "disk_read_direct",
+    "disk_read_buffered",
+    "disk_write",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stat(_Strict):
+    """A measured quantity over repeated samples (a published figure has min = median = max)."""
+
+    min: float = Field(gt=0)
+    median: float = Field(gt=0)
+    max: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Stat":
+        if not self.min <= self.median <= self.max:
+            raise ValueError(f"expected min <= median <= max, got {self.min}, {self.median}, {self.max}")
+        return self
+
+    @classmethod
+    def of(cls, value: float) -> "Stat":
+        return cls(min=value, median=value, max=value)
+
+    @classmethod
+    def from_samples(cls, samples: list[float]) -> "Stat":
+        s = sorted(samples)
+        if not s:
+            raise ValueError("no samples")
+        n = len(s)
+        med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        return cls(min=s[0], median=med, max=s[-1])
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: the relative noise of the samples."""
+        return (self.max - self.min) / self.median
+
+
+class Point(_Strict):
+    """One x of a curve with the statistics of y there."""
+
+    x: float = Field(gt=0)
+    y: Stat
+
+
+class Curve(_Strict):
+    """y over a positive x (a size in bytes, a number of rows ...), interpolated linearly in log(x).
+
+    Outside the measured range the value of the nearest end is used (no extrapolation).
+    """
+
+    x_name: str
+    y_name: str
+    points: list[Point] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "Curve":
+        xs = [p.x for p in self.points]
+        if any(b <= a for a, b in zip(xs, xs[1:])):
+            raise ValueError("points must have strictly increasing x")
+        return self
+
+    @classmethod
+    def constant(cls, x_name: str, y_name: str, value: float, x: float = 1.0) -> "Curve":
+        return cls(x_name=x_name, y_name=y_name, points=[Point(x=x, y=Stat.of(value))])
+
+    def at(self, x: float, stat: Literal["min", "median", "max"] = "median") -> float:
+        pts = self.points
+        if x <= pts[0].x:
+            return getattr(pts[0].y, stat)
+        if x >= pts[-1].x:
+            return getattr(pts[-1].y, stat)
+        i = bisect.bisect_right([p.x for p in pts], x)
+        a, b = pts[i - 1], pts[i]
+        t = (math.log(x) - math.log(a.x)) / (math.log(b.x) - math.log(a.x))
+        ya, yb = getattr(a.y, stat), getattr(b.y, stat)
+        return ya + t * (yb - ya)
+
+
+class Link(_Strict):
+    """A data path: achieved bandwidth over transfer size plus a fixed latency per transfer."""
+
+    bandwidth_Bps: Curve
+    latency_s: float = Field(ge=0)
+
+    def bandwidth_at(self, nbytes: float) -> float:
+        return self.bandwidth_Bps.at(nbytes)
+
+    def time_s(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` in one transfer (0 bytes cost nothing)."""
+        if nbytes <= 0:
+            return 0.0
+        return self.latency_s + nbytes / self.bandwidth_at(nbytes)
+
+
+class MatmulCurve(_Strict):
+    """Achieved FLOP/s of ``(m x k) @ (k x n)`` in ``dtype`` over the number of rows ``m``."""
+
+    dtype: str
+    k: int = Field(gt=0)
+    n: int = Field(gt=0)
+    flops: Curve  # x = rows m, y = achieved FLOP/s
+
+
+class ComputeUnit(_Strict):
+    """The device (a GPU, or the CPU itself when there is none) or the host CPU."""
+
+    kind: Literal["cuda", "cpu"]
+    name: str
+    memory_bytes: int = Field(gt=0)
+    memory_bandwidth_Bps: Stat
+    matmul: list[MatmulCurve] = Field(min_length=1)
+    #: decode attention (one query token per sequence over its KV cache): bytes of KV read per second,
+    #: over the KV bytes read by one call.
+    decode_attention_Bps: Curve | None = None
+    threads: int | None = None
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({c.dtype for c in self.matmul})
+
+    def matmul_flops(self, dtype: str, m: float, k: int | None = None, n: int | None = None) -> float:
+        """Achieved FLOP/s for ``m`` rows; among the measured weight shapes the nearest to ``k x n`` (in log size).
+
+        A dtype without figures raises ``KeyError``: the planner never silently assumes a rate.
+        """
+        curves = [c for c in self.matmul if c.dtype == dtype]
+        if not curves:
+            raise KeyError(f"no matmul figures for dtype {dtype} on {self.name} (have {', '.join(self.dtypes)})")
+        if k is not None and n is not None and len(curves) > 1:
+            target = math.log(k * n)
+            curves.sort(key=lambda c: abs(math.log(c.k * c.n) - target))
+        return curves[0].flops.at(max(m, 1))
+
+    def peak_matmul_flops(self, dtype: str) -> float:
+        return max(p.y.median for c in self.matmul if c.dtype == dtype for p in c.flops.points)
+
+
+class Overheads(_Strict):
+    """Fixed costs the engine pays regardless of size."""
+
+    per_op_s: float = Field(ge=0)  # framework dispatch of one kernel / torch op
+    per_layer_s: float = Field(ge=0)  # python and bookkeeping per transformer layer
+    per_step_s: float = Field(ge=0)  # per forward pass (sampling, batch bookkeeping)
+    thread_handoff_s: float = Field(ge=0)  # handing a ready buffer from the prefetch thread to the compute thread
+
+
+class Provenance(_Strict):
+    kind: Literal["measured", "published"]
+    created_utc: str
+    #: for published figures: where each number comes from (datasheets, papers, reviews).
+    source: str | None = None
+    command: str | None = None
+    torch_version: str | None = None
+    hostname: str | None = None
+    device_name: str | None = None
+    cpu_name: str | None = None
+    notes: str | None = None
+
+    @model_validator(mode="after")
+    def _sourced(self) -> "Provenance":
+        if self.kind == "published" and not self.source:
+            raise ValueError("a published profile must name its source")
+        return self
+
+
+class DiskInfo(_Strict):
+    path: str | None = None  # the offload folder measured
+    filesystem: str | None = None
+    o_direct: bool = False  # whether O_DIRECT reads work there
+    capacity_bytes: int | None = None
+
+
+class HardwareProfile(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    provenance: Provenance
+    device: ComputeUnit
+    host: ComputeUnit
+    #: True when there is no separate device memory (no GPU): device and host are one memory and one compute
+    #: unit, the host->device link is free (zero copy), and offloaded weights stream from disk.
+    shared_memory: bool
+    links: dict[str, Link]
+    overheads: Overheads
+    disk: DiskInfo = DiskInfo()
+
+    @model_validator(mode="after")
+    def _links(self) -> "HardwareProfile":
+        unknown = set(self.links) - set(LINKS)
+        if unknown:
+            raise ValueError(f"unknown link(s) {sorted(unknown)}; known: {', '.join(LINKS)}")
+        if not self.shared_memory and not ({"h2d_pinned", "h2d_pageable"} & set(self.links)):
+            raise ValueError("a profile with separate device memory needs an h2d_pinned or h2d_pageable link")
+        if self.shared_memory and self.device.kind != "cpu":
+            raise ValueError("shared_memory is only for a device of kind 'cpu'")
+        return self
+
+    def link(self, name: str) -> Link | None:
+        return self.links.get(name)
+
+    def h2d_time_s(self, nbytes: float, pinned: bool = True) -> float:
+        """Host->device copy time; zero when host and device share memory."""
+        if self.shared_memory or nbytes <= 0:
+            return 0.0
+        link = self.links.get("h2d_pinned" if pinned else "h2d_pageable") or self.links.get(
+            "h2d_pageable" if pinned else "h2d_pinned"
+        )
+        assert link is not None  # guaranteed by the validator
+        return link.time_s(nbytes)
+
+    def d2h_time_s(self, nbytes: float, pinned: bool = True) -> float:
+        if self.shared_memory or nbytes <= 0:
+            return 0.0
+        link = self.links.get("d2h_pinned" if pinned else "d2h_pageable") or self.links.get(
+            "d2h_pageable" if pinned else "d2h_pinned"
+        )
+        if link is None:  # fall back to the host->device figure, links are roughly symmetric
+            return self.h2d_time_s(nbytes, pinned)
+        return link.time_s(nbytes)
+
+    def disk_read_time_s(self, nbytes: float, direct: bool = True) -> float:
+        link = self.links.get("disk_read_direct" if direct else "disk_read_buffered") or self.links.get(
+            "disk_read_buffered" if direct else "disk_read_direct"
+        )
+        if link is None:
+            raise KeyError(f"profile '{self.name}' has no disk read figures")
+        return link.time_s(nbytes)

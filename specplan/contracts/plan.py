@@ -1,0 +1,214 @@
+"""Plan: how to run one model on one machine (``plan.json``), written by ``specplan search``.
+
+The placement is already rounded to what the engine really places: whole tensors of a layer, whole experts.
+The prediction is computed from that rounded placement.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.model import DTYPE_BYTES, ModelSpec, dtype_bytes
+
+SCHEMA_VERSION = 1
+
+Tier = Literal["device", "host", "disk"]
+TIERS: tuple[str, ...] = ("device", "host", "disk")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """The target model: a catalog name or a local folder, and its architecture."""
+
+    name: str
+    path: str | None = None  # local HF folder with weights, if the plan was made for one
+    spec: ModelSpec
+
+
+class DraftSpec(_Strict):
+    """The speculative draft: none, a small model, or a quantised substitute of the target."""
+
+    kind: Literal["none", "model", "substitute"] = "none"
+    name: str | None = None  # catalog name or folder of a draft model
+    path: str | None = None  # local weights folder of the draft model
+    bits: Literal[4, 8] | None = None  # substitute: bits per weight of the quantised copy
+    spec: ModelSpec | None = None  # architecture of a draft model
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DraftSpec":
+        if self.kind == "model" and (self.spec is None or not self.name):
+            raise ValueError("a draft of kind 'model' needs a name and a spec")
+        if self.kind == "substitute" and self.bits is None:
+            raise ValueError("a draft of kind 'substitute' needs bits (4 or 8)")
+        if self.kind == "none" and (self.name or self.spec or self.bits):
+            raise ValueError("a draft of kind 'none' takes no name, spec or bits")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.kind == "substitute":
+            return f"substitute:int{self.bits}"
+        if self.kind == "model":
+            return self.name or "model"
+        return "none"
+
+
+class Workload(_Strict):
+    prompt_len: int = Field(gt=0)  # tokens per prompt
+    gen_len: int = Field(gt=0)  # new tokens per prompt (throughput never counts tokens past this)
+    num_prompts: int = Field(gt=0)
+
+
+class Policy(_Strict):
+    prefill_batch: int = Field(gt=0)
+    decode_batch: int = Field(gt=0)  # sequences per batch
+    num_batches: Literal[1, 2] = 1  # batches interleaved so the draft works while the target waits (SpecOffload)
+    draft_len: int = Field(0, ge=0)  # tokens proposed per round; 0 = no speculation
+    attention_on: Literal["device", "host"] = "device"  # where decode attention runs
+    experts_on: Literal["device", "host"] = "device"  # where non-resident experts compute (stream vs Fiddler)
+    expert_fetch: Literal["routed", "layer"] = "routed"  # stream only the routed experts, or the whole layer
+    prefetch_depth: int = Field(1, ge=0)  # layers fetched ahead of compute (staging buffers = depth + 1)
+    acceptance: float | None = Field(None, ge=0, le=1)  # per-token acceptance the prediction assumes
+    weight_dtype: str = "bfloat16"
+    kv_dtype: str = "bfloat16"
+
+    @model_validator(mode="after")
+    def _dtypes(self) -> "Policy":
+        for d in (self.weight_dtype, self.kv_dtype):
+            if d not in DTYPE_BYTES:
+                raise ValueError(f"unknown dtype '{d}'; use one of {', '.join(DTYPE_BYTES)}")
+        if self.draft_len > 0 and self.acceptance is None:
+            raise ValueError("speculative plans (draft_len > 0) need an acceptance")
+        return self
+
+    @property
+    def speculative(self) -> bool:
+        return self.draft_len > 0
+
+
+class LayerPlacement(_Strict):
+    """Where each tensor group of one layer lives."""
+
+    attention: Tier
+    norms_router: Tier
+    kv_cache: Tier
+    mlp: Tier | None = None  # the FFN of a dense layer
+    experts: list[Tier] = []  # MoE layer: one tier per routed expert
+    shared_experts: Tier | None = None
+
+
+class Placement(_Strict):
+    embed: Tier
+    lm_head: Tier
+    final_norm: Tier
+    layers: list[LayerPlacement]
+    draft_weights: Tier = "device"
+    draft_kv: Tier = "device"
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise ``ValueError`` if the placement does not match the model's structure."""
+        if len(self.layers) != spec.num_layers:
+            raise ValueError(f"placement has {len(self.layers)} layers, the model {spec.num_layers}")
+        for i, lp in enumerate(self.layers):
+            if spec.is_moe_layer(i):
+                if len(lp.experts) != spec.num_experts or lp.mlp is not None:
+                    raise ValueError(f"layer {i} is MoE: needs {spec.num_experts} expert tiers and no mlp")
+                if (lp.shared_experts is None) != (spec.shared_expert_intermediate_size == 0):
+                    raise ValueError(f"layer {i}: shared_experts tier must be given iff the model has one")
+            elif lp.mlp is None or lp.experts or lp.shared_experts is not None:
+                raise ValueError(f"layer {i} is dense: needs an mlp tier and no experts")
+
+    def group_bytes(self, spec: ModelSpec, weight_dtype: str) -> dict[str, dict[str, int]]:
+        """Weight bytes per group per tier (the human summary and the capacity check)."""
+        b = dtype_bytes(weight_dtype)
+        out: dict[str, dict[str, int]] = {}
+
+        def add(group: str, tier: str, params: int) -> None:
+            row = out.setdefault(group, {t: 0 for t in TIERS})
+            row[tier] += int(round(params * b))
+
+        add("embed", self.embed, spec.embed_params())
+        add("lm_head", self.lm_head, spec.lm_head_params())
+        add("norms_router", self.final_norm, spec.hidden_size)
+        for i, lp in enumerate(self.layers):
+            add("attention", lp.attention, spec.attention_params_per_layer())
+            add("norms_router", lp.norms_router, spec.layer_norm_params() + (spec.router_params() if spec.is_moe_layer(i) else 0))
+            if lp.mlp is not None:
+                add("mlp", lp.mlp, spec.dense_mlp_params())
+            for t in lp.experts:
+                add("experts", t, spec.expert_params())
+            if lp.shared_experts is not None:
+                add("shared_experts", lp.shared_experts, spec.shared_expert_params())
+        return out
+
+    @classmethod
+    def uniform(cls, spec: ModelSpec, tier: Tier = "device", kv: Tier | None = None) -> "Placement":
+        """Everything on one tier (KV on ``kv`` if given): the simplest valid placement."""
+        layers = []
+        for i in range(spec.num_layers):
+            moe = spec.is_moe_layer(i)
+            layers.append(
+                LayerPlacement(
+                    attention=tier,
+                    norms_router=tier,
+                    kv_cache=kv or ("host" if tier == "disk" else tier),
+                    mlp=None if moe else tier,
+                    experts=[tier] * spec.num_experts if moe else [],
+                    shared_experts=tier if moe and spec.shared_expert_intermediate_size else None,
+                )
+            )
+        return cls(embed=tier, lm_head=tier, final_norm=tier, layers=layers)
+
+
+class Capacities(_Strict):
+    """Budgets the plan was made for (bytes); None = not limited."""
+
+    device_bytes: int = Field(gt=0)
+    host_bytes: int | None = Field(None, gt=0)
+    disk_bytes: int | None = Field(None, gt=0)
+
+
+class Prediction(_Strict):
+    """What the planner expects. Every throughput says whether it is decode-only or end-to-end."""
+
+    decode_tok_s: float = Field(ge=0)  # generated tokens / decode time (prefill excluded)
+    e2e_tok_s: float = Field(ge=0)  # generated tokens / (prefill + decode)
+    prefill_s: float = Field(ge=0)
+    decode_s: float = Field(ge=0)
+    total_s: float = Field(ge=0)
+    ttft_s: float = Field(ge=0)  # time to first token of the first batch
+    round_s: float = Field(ge=0)  # one steady-state decode round over all interleaved batches
+    tokens_per_round: float = Field(ge=0)  # expected committed tokens per round, all sequences
+    busy_s: dict[str, float]  # per resource, whole run
+    bottleneck: str  # the resource that binds in steady-state decode
+    peak_bytes: dict[str, int]  # per tier
+    acceptance: float | None = None
+
+
+class Plan(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created_utc: str
+    command: str | None = None
+    model: ModelRef
+    draft: DraftSpec = DraftSpec()
+    profile: HardwareProfile  # embedded, so the plan simulates and runs the same way anywhere
+    capacities: Capacities
+    workload: Workload
+    policy: Policy
+    placement: Placement
+    prediction: Prediction | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        self.placement.check(self.model.spec)
+        if self.policy.speculative and self.draft.kind == "none":
+            raise ValueError("policy.draft_len > 0 but the draft is 'none'")
+        if not self.policy.speculative and self.draft.kind != "none":
+            raise ValueError("a draft is given but policy.draft_len is 0")
+        return self
