@@ -6,6 +6,7 @@ simulator and engine all ask this class rather than recomputing.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -108,7 +109,7 @@ class ModelSpec(BaseModel):
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self._moe_layer_set
 
-    @property
+    @cached_property
     def _moe_layer_set(self) -> frozenset[int]:
         return frozenset(self.moe_layers)
 
