@@ -1,17 +1,17 @@
 """Time of one ``Op`` on a ``HardwareProfile``: a roofline over achieved rates plus fixed overheads.
 
-    compute:  max(flops / achieved_flops(shape, dtype), bytes / achieved_bandwidth) + calls * per_op_s
-    transfer: bytes / link_bandwidth(size) + latency
+    compute:   max(flops / achieved_flops(shape, dtype), bytes / memory_bandwidth) + calls * per_op_s
+    attention: the same, with the bytes (the KV cache read) at the measured decode-attention rate
+    transfer:  calls * (bytes / calls / link_bandwidth(bytes / calls) + latency)
+    plus the fixed costs the op names (per layer, per step, thread hand-off), from ``profile.overheads``.
 
-This is the only place the formulas live; search and simulator both call ``op_time_s``.
+This is the only place the formulas live; search, prediction and simulator all call ``op_time_s``.
 """
 
 from __future__ import annotations
 
 from specplan.contracts.hardware import ComputeUnit, HardwareProfile
-from specplan.planner.ops import Op
-
-COMPUTE_RESOURCES = ("device_compute", "host_compute")
+from specplan.planner.ops import COMPUTE_RESOURCES, Op
 
 
 def physical_resource(resource: str, profile: HardwareProfile) -> str:
@@ -29,19 +29,30 @@ def compute_unit(resource: str, profile: HardwareProfile) -> ComputeUnit:
     raise ValueError(f"{resource} is not a compute resource")
 
 
+def compute_dtype(unit: ComputeUnit, dtype: str | None) -> str:
+    """The dtype whose matmul figures apply: the op's own, or float32 when the unit has none for it
+    (a CPU without bf16 figures computes bf16 weights after converting them)."""
+    have = unit.dtypes
+    if dtype in have:
+        return dtype  # type: ignore[return-value]
+    return "float32" if "float32" in have else have[0]
+
+
 def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
     t_mem = op.bytes / unit.memory_bandwidth_Bps.median if op.bytes else 0.0
     t_flop = 0.0
-    if op.kind == "matmul" and op.flops:
+    if op.kind in ("matmul", "attention") and op.flops:
         m, k, n = op.shape if op.shape else (1, None, None)
-        t_flop = op.flops / unit.matmul_flops(op.dtype or unit.dtypes[0], m, k, n)
-    elif op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
-        # decode attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
+        t_flop = op.flops / unit.matmul_flops(compute_dtype(unit, op.dtype), m, k, n)
+    if op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
+        # attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
         t_mem = op.bytes / unit.decode_attention_Bps.at(op.bytes / max(op.calls, 1))
     return max(t_flop, t_mem) + op.calls * per_op_s
 
 
 def transfer_time_s(op: Op, profile: HardwareProfile) -> float:
+    if op.bytes <= 0:
+        return 0.0
     size = op.bytes / max(op.calls, 1)  # each call moves one tensor of this size
     if op.resource == "h2d":
         return op.calls * profile.h2d_time_s(size)
@@ -57,8 +68,20 @@ def transfer_time_s(op: Op, profile: HardwareProfile) -> float:
     raise ValueError(f"{op.resource} is not a transfer resource")
 
 
+def overhead_s(op: Op, profile: HardwareProfile) -> float:
+    """The fixed costs the op carries (per layer, per step, thread hand-off), from the profile."""
+    return sum(getattr(profile.overheads, name) * count for name, count in op.overheads)
+
+
 def op_time_s(op: Op, profile: HardwareProfile) -> float:
-    """Seconds ``op`` occupies its resource."""
+    """Seconds ``op`` occupies its resource when it happens."""
     if op.resource in COMPUTE_RESOURCES:
-        return compute_time_s(op, compute_unit(op.resource, profile), profile.overheads.per_op_s)
-    return transfer_time_s(op, profile)
+        t = compute_time_s(op, compute_unit(op.resource, profile), profile.overheads.per_op_s)
+    else:
+        t = transfer_time_s(op, profile)
+    return t + overhead_s(op, profile) if op.overheads else t
+
+
+def expected_time_s(op: Op, profile: HardwareProfile) -> float:
+    """``prob * op_time_s``: the expected seconds of an op that happens with probability ``op.prob``."""
+    return op.prob * op_time_s(op, profile) if op.prob else 0.0

@@ -2,6 +2,7 @@
 
 The planner sums these per resource for its steady-state prediction; the simulator schedules the same records
 with their dependencies. Time comes from ``specplan.planner.cost.op_time_s`` only.
+See /work/notes/planner_api.md (and ``specplan.planner.program``) for how programs of ops are built.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 OpKind = Literal["matmul", "attention", "elementwise", "transfer"]
+Phase = Literal["prefill", "decode", "draft", "verify"]
+
+COMPUTE_RESOURCES = ("device_compute", "host_compute")
+TRANSFER_RESOURCES = ("h2d", "d2h", "disk_read", "disk_write")
 
 
 @dataclass(frozen=True)
@@ -24,9 +29,30 @@ class Op:
     layer: int | None = None
     batch: int | None = None
     #: matmul shape (m rows, k, n) for the achieved-rate lookup; None for other kinds.
-    shape: tuple[int, int, int] | None = None
+    shape: tuple[float, int, int] | None = None
     dtype: str | None = None
-    #: indices (in the same program) of ops that must finish before this one starts.
+    #: indices (in the same program, all smaller than this op's) of ops that must finish before this one starts.
     deps: tuple[int, ...] = ()
-    #: number of kernel launches / framework calls this record stands for (each pays the per-op overhead).
-    calls: int = 1
+    #: kernel launches / reads this record stands for (each pays the per-op overhead; a transfer of ``bytes`` is
+    #: ``calls`` reads of ``bytes / calls``). May be fractional for an expected count.
+    calls: float = 1
+    #: probability that the op happens in its pass (a routed expert is touched); expected cost = prob * time.
+    prob: float = 1.0
+    #: tensor group: embed, attention, kv_cache, norms_router, mlp, experts, shared_experts, lm_head, draft, activations.
+    group: str | None = None
+    phase: Phase | None = None
+    #: staging buffer ``(pool, index)`` a weight fetch fills (pool "device" or "host"), None for other ops.
+    slot: tuple[str, int] | None = None
+    #: fixed costs charged on top of the roofline: ``((field of profile.overheads, count), ...)``.
+    overheads: tuple[tuple[str, float], ...] = ()
+    #: True for a transfer whose start waits on a compute op of the same pass (it cannot be fetched ahead).
+    on_demand: bool = False
+    expert: int | None = None
+
+    @property
+    def is_compute(self) -> bool:
+        return self.resource in COMPUTE_RESOURCES
+
+    @property
+    def is_transfer(self) -> bool:
+        return self.resource in TRANSFER_RESOURCES

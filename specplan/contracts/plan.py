@@ -6,7 +6,7 @@ The prediction is computed from that rounded placement.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -189,6 +189,14 @@ class Prediction(_Strict):
     bottleneck: str  # the resource that binds in steady-state decode
     peak_bytes: dict[str, int]  # per tier
     acceptance: float | None = None
+    # optional detail (planner): one steady-state decode round, and what the prediction assumes
+    round_busy_s: dict[str, float] = {}  # per physical resource, one round (all interleaved batches)
+    round_chain_s: float = Field(0.0, ge=0)  # one batch's serial chain (compute + on-demand transfers)
+    round_stream_s: float = Field(0.0, ge=0)  # one batch's drafting + the fetches that cannot run ahead of it
+    prefill_pass_s: float = Field(0.0, ge=0)  # one full prefill pass
+    decode_context_len: int = Field(0, ge=0)  # KV length the round was costed at (mean over decode)
+    tokens_per_seq_round: float = Field(1.0, ge=0)  # E[tokens one sequence commits per round]
+    assumptions: list[str] = []  # e.g. where the acceptance figure comes from
 
 
 class Plan(_Strict):
@@ -203,6 +211,8 @@ class Plan(_Strict):
     policy: Policy
     placement: Placement
     prediction: Prediction | None = None
+    #: how the search found the plan (LP objective, continuous solution, candidates evaluated ...); numbers only
+    search: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":

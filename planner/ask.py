@@ -1,0 +1,87 @@
+"""What the user asks for (model, machine, budgets, workload, drafts) and the discrete knobs of one candidate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.model import ModelSpec
+from specplan.contracts.plan import Capacities, Plan, Workload
+from specplan.planner.drafts import DraftChoice
+from specplan.planner.expect import expected_rounds
+from specplan.planner.lp import Shape
+from specplan.planner.units import Costing, Knobs
+
+
+@dataclass(frozen=True)
+class Ask:
+    spec: ModelSpec
+    model_name: str
+    profile: HardwareProfile
+    capacities: Capacities
+    workload: Workload
+    drafts: tuple[DraftChoice, ...]
+    top: int = 5
+    model_path: str | None = None
+    command: str | None = None
+    prefetch_depth: int = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    draft: DraftChoice
+    knobs: Knobs
+    shape: Shape
+
+    def key(self) -> tuple:
+        """A total order for ties (deterministic output)."""
+        k, s = self.knobs, self.shape
+        return (self.draft.label, s.draft_len, s.num_batches, s.decode_batch, s.prefill_batch, k.attention_on,
+                k.experts_on, k.expert_fetch)
+
+
+@dataclass
+class SearchResult:
+    plans: list[Plan]
+    candidates: int = 0
+    lps: int = 0
+    milps: int = 0
+    pruned: int = 0
+    infeasible: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def dtypes_for(profile: HardwareProfile, spec: ModelSpec) -> tuple[str, str]:
+    """(weight dtype, KV dtype): float32 on a CPU device (bf16 matmuls are far slower there), else the model's."""
+    if profile.device.kind == "cpu":
+        return "float32", "float32"
+    return spec.dtype, spec.dtype
+
+
+def costing_for(ask: Ask, draft: DraftChoice) -> Costing:
+    w, kv = dtypes_for(ask.profile, ask.spec)
+    d = draft.spec
+    return Costing(ask.spec, ask.profile, w, kv, draft_spec=d.spec if d.kind == "model" else None,
+                   substitute_bits=d.bits if d.kind == "substitute" else None)
+
+
+def caps_of(ask: Ask) -> dict[str, float | None]:
+    cap = ask.capacities
+    caps: dict[str, float | None] = {"device": float(cap.device_bytes), "host": None, "disk": None}
+    if not ask.profile.shared_memory:
+        caps["host"] = float(cap.host_bytes) if cap.host_bytes else float(ask.profile.host.memory_bytes)
+    if cap.disk_bytes:
+        caps["disk"] = float(cap.disk_bytes)
+    return caps
+
+
+def shape_for(ask: Ask, draft: DraftChoice, g: int, nb: int, batch: int, prefill: int) -> Shape:
+    wl = ask.workload
+    wave = nb * batch
+    sizes = [wave] * (wl.num_prompts // wave) + ([wl.num_prompts % wave] if wl.num_prompts % wave else [])
+    rounds = sum(expected_rounds(draft.acceptance, g, wl.gen_len - 1, n) for n in sizes)
+    return Shape(decode_batch=batch, num_batches=nb, prefill_batch=prefill, draft_len=g,
+                 rounds=rounds, prefill_passes=sum(math.ceil(n / prefill) for n in sizes),
+                 decode_context=wl.prompt_len + wl.gen_len // 2, capacity=wl.prompt_len + wl.gen_len + g,
+                 prompt_len=wl.prompt_len)

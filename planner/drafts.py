@@ -1,0 +1,116 @@
+"""Draft candidates and their acceptance: measured (``--acceptance``, ``--calibration``) or a documented prior.
+
+Priors are assumptions, printed with their source and stored in the plan; measure and pass ``--calibration``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specplan.contracts.calibration import Calibration
+from specplan.contracts.model import ModelSpec
+from specplan.contracts.plan import DraftSpec
+from specplan.errors import SpecplanError
+
+#: (draft label, target name or None for any) -> (acceptance, source). Assumptions, not measurements.
+PRIORS: dict[tuple[str, str | None], tuple[float, str]] = {
+    ("substitute:int8", None): (
+        0.95, "assumed: an 8-bit copy of the target's streamed weights agrees with the target on nearly every token "
+              "(SubSpec, arXiv:2509.18344, reports acceptance lengths well above small drafts' 3-5 tokens)"),
+    ("substitute:int4", None): (
+        0.90, "assumed from SubSpec (arXiv:2509.18344): 4-bit substitutes of the offloaded layers, sharing the "
+              "resident layers and KV cache, accept long drafts"),
+    ("smollm2-135m", None): (
+        0.90, "the demo target is upcycled from SmolLM2-135M, its greedy agreement with it is about 0.9 "
+              "(DEVELOPERS.md; measure it with specplan run)"),
+    ("model", None): (
+        0.70, "assumed: Leviathan et al. 2023 (arXiv:2211.17192) measured per-token acceptance of roughly 0.5-0.8 "
+              "for small drafts of the same family"),
+}
+
+
+@dataclass(frozen=True)
+class DraftChoice:
+    spec: DraftSpec
+    acceptance: float | None
+    source: str | None  # where the acceptance comes from
+    measured: bool
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+def parse_draft(value: str, target: ModelSpec) -> DraftSpec:
+    """``none``, ``substitute:int8``, ``substitute:int4``, or a catalog name / model folder with the target's vocab."""
+    v = value.strip()
+    if v.lower() == "none":
+        return DraftSpec()
+    if v.lower().startswith("substitute"):
+        bits = {"substitute:int8": 8, "substitute:int4": 4}.get(v.lower())
+        if bits is None:
+            raise SpecplanError(f"unknown substitute draft '{value}': use substitute:int8 or substitute:int4")
+        return DraftSpec(kind="substitute", bits=bits)
+    from specplan.catalog import load_model_spec, model_config_path
+
+    spec = load_model_spec(v)
+    if spec.vocab_size != target.vocab_size:
+        raise SpecplanError(f"draft '{value}' has a vocabulary of {spec.vocab_size} tokens, the target "
+                            f"{target.vocab_size}: a draft must share the target's tokenizer")
+    if spec.total_params >= target.total_params:
+        raise SpecplanError(f"draft '{value}' ({spec.total_params / 1e9:.1f}B parameters) is not smaller than the target")
+    path = model_config_path(v).parent
+    local = str(path) if (path / "config.json").is_file() and any(path.glob("*.safetensors")) else None
+    return DraftSpec(kind="model", name=spec.name, path=local, spec=spec)
+
+
+#: catalog models the search tries as drafts when their vocabulary matches the target's and they are much smaller.
+DEFAULT_MODEL_DRAFTS = ("smollm2-135m", "qwen2.5-0.5b", "mistral-7b")
+
+
+def default_drafts(target: ModelSpec) -> list[str]:
+    """What the search tries without ``--draft``: no draft, both substitutes, and the catalog drafts that share
+    the target's vocabulary and have at most a quarter of its parameters."""
+    from specplan.catalog import catalog_models, load_model_spec
+
+    out = ["none", "substitute:int8", "substitute:int4"]
+    for name in DEFAULT_MODEL_DRAFTS:
+        if name not in catalog_models():
+            continue
+        spec = load_model_spec(name)
+        if spec.vocab_size == target.vocab_size and spec.total_params * 4 <= target.total_params:
+            out.append(name)
+    return out
+
+
+def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, calibration: Calibration | None
+                   ) -> tuple[float | None, str | None, bool]:
+    """(acceptance, source, measured) for a draft: --acceptance, then the calibration file, then the prior."""
+    if draft.kind == "none":
+        return None, None, False
+    label = draft.label
+    if fixed is not None:
+        return fixed, "given with --acceptance", True
+    if calibration is not None:
+        rec = calibration.find(label, target_name)
+        if rec is not None:
+            return rec.acceptance, f"calibration: {rec.source}", True
+    prior = PRIORS.get((label, target_name)) or PRIORS.get((label, None))
+    if prior is None and draft.kind == "model":
+        prior = PRIORS[("model", None)]
+    assert prior is not None
+    return prior[0], f"prior (assumption, not measured): {prior[1]}", False
+
+
+def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed: float | None,
+            calibration: Calibration | None) -> list[DraftChoice]:
+    labels = values or default_drafts(target)
+    out, seen = [], set()
+    for v in labels:
+        spec = parse_draft(v, target)
+        if spec.label in seen:
+            continue
+        seen.add(spec.label)
+        a, source, measured = acceptance_for(spec, target_name, fixed, calibration)
+        out.append(DraftChoice(spec, a, source, measured))
+    return out

@@ -1,0 +1,507 @@
+"""The placement LP of one candidate policy: how many units of each kind sit on each tier.
+
+Variables: for each unit kind u (attention of a layer, KV of a layer, a routed expert, a dense MLP, a shared expert,
+embed, lm_head, the draft model), each tier t it may take and each policy choice m that changes its cost (where
+decode attention runs for a host KV cache; where and how non-resident experts run), ``x[u,t,m] >= 0`` units with
+``sum x[u,.,.] = count(u)``. Every layer of a kind costs the same, so counts suffice; ``search.spread`` turns counts
+into a per-layer placement.
+
+Time, linear in x (coefficients read off ``units.unit_ops`` records costed by ``cost.op_time_s``):
+    T    >= busy_r(x)    for every physical resource r (all interleaved batches of a round)
+    T    >= chain_l(x)   one batch's serial compute + its on-demand transfers on link l
+    T    >= stream_l(x)  speculative: drafting + the fetches on link l that cannot run ahead of it
+    Tpf  >= the same for one prefill pass
+    minimise  rounds * T + prefill_passes * Tpf      (seconds for the whole workload)
+Memory per phase (prefill, decode) and tier: resident units + substitute copies + staging buffers
+(``depth + 1`` slots of the average layer's fetched bytes, or of the head's) + activations <= capacity.
+
+The relaxation is solved in process with HiGHS (``highspy``); ``integerise`` turns it into whole units (branching
+on the single-unit kinds, rounding the counts, then single-unit moves while they help). ``solve_with_pulp`` (in
+``solver.py``) states the same rows through pulp/CBC as an independent check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from specplan.planner.cost import physical_resource
+from specplan.planner.expect import expert_touch_prob
+from specplan.planner.memory import activation_bytes, substitute_bytes, unit_bytes
+from specplan.planner.ops import Op
+from specplan.planner.program import is_serial, op_times
+from specplan.planner.units import UNIT_TIERS, Costing, Knobs, Pass, draft_model_ops, fixed_layer_ops, unit_ops
+
+LAYER_UNITS = ("attention", "kv", "mlp", "shared", "expert")
+RES = ("device_compute", "host_compute", "h2d", "d2h", "disk_read", "disk_write")
+POOLS = ("device", "host")
+# layout of an Acc vector: busy per resource, serial compute, draft compute, serial / prefetchable transfer per
+# resource, bytes fetched into staging per pool
+BUSY, COMPUTE, DRAFT, SERIAL, PRE, FETCHED = 0, 6, 7, 8, 14, 20
+ACC_LEN = 22
+GiB = float(2**30)
+
+
+def acc_of(ops: list[Op], c: Costing, depth: int) -> np.ndarray:
+    """The linear pieces of ``program.steady_state`` for some ops of one batch, as a vector."""
+    v = np.zeros(ACC_LEN)
+    prof = c.profile
+    for op, t in zip(ops, op_times(ops, prof)):
+        r = RES.index(physical_resource(op.resource, prof))
+        v[BUSY + r] += t
+        if op.is_compute:
+            if is_serial(op, depth):
+                v[COMPUTE] += t
+            if op.phase == "draft":
+                v[DRAFT] += t
+        else:
+            v[(SERIAL if is_serial(op, depth) else PRE) + r] += t
+        if op.slot is not None:
+            v[FETCHED + POOLS.index(op.slot[0])] += op.bytes
+    return v
+
+
+def unit_counts(c: Costing) -> dict[str, int]:
+    s = c.spec
+    n_moe = len(s.moe_layers)
+    counts = {"attention": s.num_layers, "kv": s.num_layers, "mlp": s.num_layers - n_moe,
+              "shared": n_moe if s.shared_expert_intermediate_size else 0, "expert": n_moe * s.num_experts,
+              "embed": 1, "lm_head": 1, "draft": 1 if c.draft_spec is not None else 0}
+    return {u: n for u, n in counts.items() if n}
+
+
+def tiers_for(c: Costing, unit: str) -> tuple[str, ...]:
+    tiers = UNIT_TIERS[unit]
+    if c.shared:  # one memory: nothing lives on a separate host tier
+        tiers = tuple(t for t in tiers if "host" not in t)
+    if unit == "lm_head" and c.spec.tie_word_embeddings:
+        tiers = tuple(t for t in tiers if t != "disk")  # the head is the embedding: it follows the embed's tier
+    return tiers
+
+
+#: policy families whose choice changes the cost of some units: family -> the Knobs fields it sets.
+FAMILIES = {"attention": ("attention_on",), "experts": ("experts_on", "expert_fetch")}
+
+
+def family_of(c: Costing, unit: str, tier: str) -> str | None:
+    """The family whose choice changes this unit's cost, if any."""
+    if unit == "kv" and tier == "host":
+        return "attention"
+    if unit == "expert" and tier != "device":
+        return "experts"
+    return None
+
+
+def mode_values(c: Costing, family: str, rows: int) -> tuple[tuple[str, ...], ...]:
+    """The choices of a family worth trying for a pass of ``rows`` routed tokens."""
+    if family == "attention":
+        return (("device",), ("host",))
+    spec = c.spec
+    fetches = ("layer",)
+    if expert_touch_prob(spec.num_experts, spec.experts_per_token, rows) < 0.99:
+        fetches = ("routed", "layer")  # where every expert is touched anyway, routed reads the same bytes, later
+    places = ("device",) if c.shared else ("device", "host")
+    return tuple((p, f) for p in places for f in fetches)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The discrete knobs of one candidate that the LP needs."""
+
+    decode_batch: int
+    num_batches: int
+    prefill_batch: int
+    draft_len: int
+    rounds: float  # decode rounds over the whole workload
+    prefill_passes: int
+    decode_context: int  # mean KV length over decode (costing)
+    capacity: int  # KV positions allocated per sequence
+    prompt_len: int
+
+
+@dataclass
+class LPResult:
+    objective_s: float
+    x: np.ndarray  # units per option
+    round_s: float
+    prefill_s: float
+    counts: dict[tuple[str, str], float]  # (unit, tier) -> units
+    modes: dict[str, tuple[str, ...]]  # family -> the choice the solution uses (families it uses)
+    mixed: dict[str, list[tuple[str, ...]]]  # family -> choices used when more than one is
+
+
+class AccCache:
+    """Per-unit cost vectors, shared by every candidate of a search (keyed by what changes them)."""
+
+    def __init__(self) -> None:
+        self.accs: dict[tuple, np.ndarray] = {}
+        self.knobs: dict[tuple, Knobs] = {}
+
+    def get(self, c: Costing, k: Knobs, passes: tuple[Pass, ...], unit: str | None, tier: str | None,
+            tag: tuple) -> np.ndarray:
+        """Sum over ``passes`` of one unit's cost vector; ``tag`` identifies the passes (cheap to hash)."""
+        own = unit == "draft" or bool(c.substitute_bits and tag[0] == "round")  # depends on the draft too
+        key = (id(c) if own else c.weight_dtype, k.attention_on, k.experts_on, k.expert_fetch, k.prefetch_depth,
+               tag, unit, tier)
+        acc = self.accs.get(key)
+        if acc is None:
+            acc = np.zeros(ACC_LEN)
+            for p in passes:
+                acc += acc_of(unit_op_list(c, k, p, unit, tier), c, k.prefetch_depth)
+            self.accs[key] = acc
+        return acc
+
+    def knob(self, base: Knobs, fam: str | None, mode: tuple[str, ...]) -> Knobs:
+        key = (base, fam, mode)
+        k = self.knobs.get(key)
+        if k is None:
+            k = self.knobs[key] = replace(base, **dict(zip(FAMILIES[fam], mode))) if fam else base
+        return k
+
+
+def unit_op_list(c: Costing, k: Knobs, p: Pass, unit: str | None, tier: str | None) -> list[Op]:
+    if unit is None:  # what every pass pays whatever the placement
+        return fixed_layer_ops(c, p, len(c.spec.moe_layers))
+    if unit == "draft":
+        return draft_model_ops(c, p, tier) if p.phase in ("draft", "prefill") else []  # type: ignore[arg-type]
+    if p.phase == "draft" and not p.substitute:
+        return []  # a draft model's steps do not touch the target
+    return unit_ops(c, k, p, unit, tier)  # type: ignore[arg-type]
+
+
+def _time_rows(accs: np.ndarray, const: np.ndarray, batches: int, window: float, speculative: bool):
+    """Rows ``T >= a.x + b`` as (A, b): busy per resource, and per link the chain and stream bounds."""
+    used = np.flatnonzero(np.abs(accs[:, BUSY:BUSY + 6]).sum(0) + np.abs(const[BUSY:BUSY + 6]))
+    links = [r for r in range(6) if RES[r] not in ("device_compute", "host_compute")
+             and (accs[:, SERIAL + r].any() or accs[:, PRE + r].any() or const[SERIAL + r] or const[PRE + r])]
+    A = [batches * accs[:, BUSY + r] for r in used]
+    b = [batches * const[BUSY + r] for r in used]
+    for r in links or [None]:
+        sio = accs[:, SERIAL + r] if r is not None else 0.0
+        sio_c = const[SERIAL + r] if r is not None else 0.0
+        A.append(accs[:, COMPUTE] + sio)
+        b.append(const[COMPUTE] + sio_c)
+        if speculative:
+            pre = accs[:, PRE + r] if r is not None else 0.0
+            pre_c = const[PRE + r] if r is not None else 0.0
+            A.append(accs[:, DRAFT] + (1 - window) * pre + sio)
+            b.append(const[DRAFT] + (1 - window) * pre_c + sio_c)
+    return np.array(A), np.array(b)
+
+
+class PlacementLP:
+    """The rows of one candidate. ``modes`` restricts each family to some choices (default: all worth trying).
+
+    Rows: ``E x = e`` (unit counts), ``R x + r <= T`` (round), ``P x + p <= Tpf`` (prefill), ``M x <= m``
+    (memory, in GiB).
+    """
+
+    def __init__(self, c: Costing, base: Knobs, shape: Shape, caps: dict[str, float | None],
+                 modes: dict[str, tuple[tuple[str, ...], ...]] | None = None, cache: AccCache | None = None):
+        self.c, self.base, self.shape, self.caps = c, base, shape, caps
+        self.cache = cache or AccCache()
+        rows = shape.decode_batch * (shape.draft_len + 1)
+        self.counts = unit_counts(c)
+        defaults = {f: mode_values(c, f, rows) for f in FAMILIES}
+        # single units (embed, lm_head, the draft) branch like policies: their tier is a family too, so that a
+        # relaxation that splits one is split into children instead of being rounded
+        defaults.update({f"tier:{u}": tuple((t,) for t in tiers_for(c, u)) for u, n in self.counts.items() if n == 1})
+        self.modes = {**defaults, **(modes or {})}
+        self.options: list[tuple[str, str, tuple[str, ...]]] = []
+        for u in self.counts:
+            for t in tiers_for(c, u):
+                if self.counts[u] == 1 and (t,) not in self.modes[f"tier:{u}"]:
+                    continue
+                fam = family_of(c, u, t)
+                for m in (self.modes[fam] if fam else ((),)):
+                    self.options.append((u, t, m))
+        self._build()
+
+    def choice_of(self, option) -> tuple[str, tuple[str, ...]] | None:
+        """(family, choice) an option belongs to: a policy family, or the tier family of a single unit."""
+        u, t, m = option
+        fam = family_of(self.c, u, t)
+        if fam:
+            return fam, m
+        if self.counts[u] == 1:
+            return f"tier:{u}", (t,)
+        return None
+
+    def knobs(self, option) -> Knobs:
+        if option is None:
+            return self.base
+        u, t, m = option
+        return self.cache.knob(self.base, family_of(self.c, u, t), m)
+
+    def _acc(self, passes: list[Pass], option, tag: tuple) -> np.ndarray:
+        unit, tier = (option[0], option[1]) if option else (None, None)
+        return self.cache.get(self.c, self.knobs(option), tuple(passes), unit, tier, tag)
+
+    def _build(self) -> None:
+        c, sh, opts = self.c, self.shape, self.options
+        n = len(opts)
+        verify = Pass("verify" if sh.draft_len else "decode", sh.decode_batch, sh.draft_len + 1, sh.decode_context)
+        drafts = [Pass("draft", sh.decode_batch, 1, sh.decode_context + s, substitute=bool(c.substitute_bits))
+                  for s in range(sh.draft_len)]
+        prefill = Pass("prefill", sh.prefill_batch, sh.prompt_len, 0)
+        last = replace(verify, context=sh.capacity - sh.draft_len)
+        tag = ("round", sh.decode_batch, sh.draft_len, sh.decode_context)
+        round_acc = np.array([self._acc([verify, *drafts], o, tag) for o in opts])
+        round_const = self._acc([verify, *[d for d in drafts if d.substitute]], None, tag)
+        pf_tag = ("prefill", sh.prefill_batch, sh.prompt_len)
+        pf_acc = np.array([self._acc([prefill], o, pf_tag) for o in opts])
+        pf_const = self._acc([prefill], None, pf_tag)
+        window = min(1.0, (self.base.prefetch_depth + 1) / c.spec.num_layers)
+        self.R, self.r = _time_rows(round_acc, round_const, sh.num_batches, window, sh.draft_len > 0)
+        self.P, self.p = _time_rows(pf_acc, pf_const, 1, window, False)
+        # unit counts (and the tied head following the embedding)
+        E, e = [], []
+        for u, cnt in self.counts.items():
+            E.append([1.0 if o[0] == u else 0.0 for o in opts])
+            e.append(float(cnt))
+        if c.spec.tie_word_embeddings:
+            for t in tiers_for(c, "lm_head"):
+                E.append([1.0 if o[:2] == ("lm_head", t) else -1.0 if o[:2] == ("embed", t) else 0.0 for o in opts])
+                e.append(0.0)
+        self.E, self.e = np.array(E), np.array(e)
+        # memory
+        last_tag = ("last", sh.decode_batch, sh.draft_len, last.context)
+        decode_staging = np.array([self._acc([last], o, last_tag)[FETCHED:FETCHED + 2] if o[0] != "draft"
+                                   else np.zeros(2) for o in opts])
+        staging = {"decode": decode_staging, "prefill": pf_acc[:, FETCHED:FETCHED + 2]}
+        seqs = sh.num_batches * sh.decode_batch
+        slots = self.base.prefetch_depth + 1
+        layers = c.spec.num_layers
+        n_moe = len(c.spec.moe_layers)
+        const_device = c.sizes["final_norm"] + n_moe * c.sizes["router_norms"] + (layers - n_moe) * c.sizes["norms"]
+        act = {"decode": sh.num_batches * activation_bytes(c, replace(last, phase="verify")),
+               "prefill": activation_bytes(c, prefill)}
+        is_layer = np.array([o[0] in LAYER_UNITS for o in opts])
+        is_head = np.array([o[0] == "lm_head" for o in opts])
+        per_layer = {"attention": layers, "kv": layers, "mlp": layers - n_moe, "shared": n_moe, "expert": n_moe}
+        M, m, M_int = [], [], []
+        self.stage: list[tuple[int, list[tuple[np.ndarray, int, float]]]] = []
+        for tier, cap in self.caps.items():
+            if cap is None:
+                continue
+            resident = np.array([unit_bytes(c, o[0], o[1], seqs, sh.capacity).get(tier, 0.0)
+                                 + (substitute_bytes(c, o[0], o[1]) if tier == "device" else 0.0) for o in opts])
+            const = const_device if tier == "device" else 0.0
+            for phase in ("prefill", "decode"):
+                extra = act[phase] if tier == "device" else 0.0
+                if tier in POOLS:
+                    fetched = staging[phase][:, POOLS.index(tier)]
+                    # the LP: the average layer's fetches; whole units: a layer with the rounded-up share of
+                    # every kind (``spread`` deals units evenly, so no layer holds more)
+                    groups = []
+                    for kind, n_layers in per_layer.items():
+                        idx = np.array([i for i, o in enumerate(opts) if o[0] == kind and fetched[i] > 0])
+                        if len(idx) and n_layers:
+                            groups.append((idx, n_layers, slots * float(fetched[idx].max()) / GiB))
+                    self.stage.append((len(M), groups))
+                    M.append(resident + slots * fetched * is_layer / layers)
+                    M_int.append(resident)
+                    M.append(resident + slots * fetched * is_head)
+                    M_int.append(M[-1])
+                    m += [cap - const - extra] * 2
+                else:
+                    M.append(resident)
+                    M_int.append(resident)
+                    m.append(cap - const - extra)
+        self.M, self.m, self.M_int = np.array(M) / GiB, np.array(m) / GiB, np.array(M_int) / GiB
+        self.n = n
+
+    # ---- solving -----------------------------------------------------------------------------------------------
+
+    def upper(self) -> np.ndarray:
+        return np.array([float(self.counts[o[0]]) for o in self.options])
+
+    def dense(self, upper: np.ndarray | None = None):
+        """(cost, A, lower, upper, column upper) over the variables [x..., T, Tpf]."""
+        n, sh = self.n, self.shape
+        inf = math.inf
+        cost = np.concatenate([np.zeros(n), [sh.rounds, float(sh.prefill_passes)]])
+        blocks = [
+            (np.hstack([self.E, np.zeros((len(self.E), 2))]), self.e, self.e),
+            (np.hstack([self.R, -np.ones((len(self.R), 1)), np.zeros((len(self.R), 1))]),
+             np.full(len(self.R), -inf), -self.r),
+            (np.hstack([self.P, np.zeros((len(self.P), 1)), -np.ones((len(self.P), 1))]),
+             np.full(len(self.P), -inf), -self.p),
+            (np.hstack([self.M, np.zeros((len(self.M), 2))]), np.full(len(self.M), -inf), self.m),
+        ]
+        A = np.vstack([b[0] for b in blocks])
+        lo = np.concatenate([b[1] for b in blocks])
+        up = np.concatenate([b[2] for b in blocks])
+        col_up = np.concatenate([self.upper() if upper is None else upper, [inf, inf]])
+        return cost, A, lo, up, col_up
+
+    def rows(self) -> tuple[list, list[tuple[dict, float, float]], list[float], list[float]]:
+        """The same problem as named rows (for pulp): (names, rows, cost, column upper bounds)."""
+        cost, A, lo, up, col_up = self.dense()
+        names = [*self.options, "T", "Tpf"]
+        rows = [({names[j]: A[i, j] for j in np.flatnonzero(A[i])}, lo[i], up[i]) for i in range(len(A))]
+        return names, rows, list(cost), list(col_up)
+
+    def evaluate(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For integer points (one per row of X): objective, round time, prefill pass time, feasible."""
+        X = np.atleast_2d(X)
+        T = (X @ self.R.T + self.r).max(axis=1)
+        Tpf = (X @ self.P.T + self.p).max(axis=1)
+        ok = self.overflow_gib(X) <= 1e-9
+        return self.shape.rounds * T + self.shape.prefill_passes * Tpf, T, Tpf, ok
+
+    def overflow_gib(self, X: np.ndarray) -> np.ndarray:
+        """GiB by which whole-unit points exceed the memory rows (summed), plus any unit-count mismatch; staging
+        holds the rounded-up per-layer share of each kind's fetched units."""
+        X = np.atleast_2d(X)
+        use = X @ self.M_int.T
+        for row, groups in self.stage:
+            for idx, n_layers, nbytes in groups:
+                use[:, row] += np.ceil(X[:, idx].sum(axis=1) / n_layers - 1e-9) * nbytes
+        over = np.clip(use - self.m, 0, None).sum(axis=1)
+        return over + np.abs(X @ self.E.T - self.e).sum(axis=1)
+
+    def result(self, x: np.ndarray, objective: float, T: float, Tpf: float) -> LPResult:
+        counts: dict[tuple[str, str], float] = {}
+        used: dict[str, set] = {}
+        for o, v in zip(self.options, x):
+            if v > 1e-7:
+                counts[(o[0], o[1])] = counts.get((o[0], o[1]), 0.0) + float(v)
+                choice = self.choice_of(o)
+                if choice:
+                    used.setdefault(choice[0], set()).add(choice[1])
+        modes = {f: min(v) for f, v in used.items()}
+        mixed = {f: sorted(v) for f, v in used.items() if len(v) > 1}
+        return LPResult(float(objective), x, float(T), float(Tpf), counts, modes, mixed)
+
+    def project(self, other: "PlacementLP", sol: LPResult) -> LPResult:
+        """A solution of ``other`` (a wider set of options) expressed over this LP's options."""
+        where = {o: i for i, o in enumerate(other.options)}
+        x = np.array([sol.x[where[o]] if o in where else 0.0 for o in self.options])
+        return self.result(x, sol.objective_s, sol.round_s, sol.prefill_s)
+
+    def relax(self, upper: np.ndarray | None = None) -> LPResult | None:
+        """The LP relaxation (a lower bound on every whole-unit placement of this candidate)."""
+        from specplan.planner.solver import solve_dense
+
+        sol = solve_dense(*self.dense(upper))
+        if sol is None:
+            return None
+        objective, v = sol
+        return self.result(v[: self.n], objective, v[self.n], v[self.n + 1])
+
+    def milp(self) -> LPResult | None:
+        """The whole-unit optimum (HiGHS branch and bound): unit counts are integers, and each kind's staging
+        share of a layer is an integer ``y >= fetched units / layers`` (the rounded-up share ``overflow_gib``
+        charges). Exact for the linear model; a few ms to tens of ms."""
+        from specplan.planner.solver import solve_dense
+
+        cost, A, lo, up, col_up = self.dense()
+        n = self.n
+        groups = [(row, idx, n_layers, nbytes) for row, gs in self.stage for idx, n_layers, nbytes in gs]
+        first_mem = len(self.E) + len(self.R) + len(self.P)
+        A = np.hstack([A, np.zeros((len(A), len(groups)))])
+        A[first_mem:first_mem + len(self.M), :n] = self.M_int  # staging moves to the y columns
+        share = np.zeros((len(groups), A.shape[1]))
+        for j, (row, idx, n_layers, nbytes) in enumerate(groups):
+            A[first_mem + row, n + 2 + j] = nbytes
+            share[j, idx] = 1.0 / n_layers
+            share[j, n + 2 + j] = -1.0
+        A = np.vstack([A, share])
+        lo = np.concatenate([lo, np.full(len(groups), -math.inf)])
+        up = np.concatenate([up, np.zeros(len(groups))])
+        cost = np.concatenate([cost, np.zeros(len(groups))])
+        col_up = np.concatenate([col_up, np.full(len(groups), math.inf)])
+        integer = [True] * n + [False, False] + [True] * len(groups)
+        sol = solve_dense(cost, A, lo, up, col_up, integer)
+        if sol is None:
+            return None
+        x = np.round(sol[1][:n])
+        obj, T, Tpf, ok = self.evaluate(x)
+        return self.result(x, obj[0], T[0], Tpf[0]) if ok[0] else None
+
+    def integerise(self, relaxed: LPResult) -> LPResult | None:
+        """Whole units: branch on the single-unit kinds the relaxation splits, round the counts (every way of
+        rounding the split ones up or down), then move single units while that helps."""
+        best: LPResult | None = None
+        single = [u for u, cnt in self.counts.items() if cnt == 1]
+        split = [u for u in single if max(relaxed.x[i] for i, o in enumerate(self.options) if o[0] == u) < 1 - 1e-6]
+        choices = [[i for i, o in enumerate(self.options) if o[0] == u] for u in split]
+        for pick in itertools.product(*choices):
+            sol = relaxed
+            if pick:
+                upper = self.upper()
+                for u, chosen in zip(split, pick):
+                    for i, o in enumerate(self.options):
+                        if o[0] == u and i != chosen:
+                            upper[i] = 0.0
+                sol = self.relax(upper)  # type: ignore[assignment]
+                if sol is None:
+                    continue
+            x = self._round(sol.x)
+            if x is None:
+                continue
+            obj, T, Tpf, _ = self.evaluate(x)
+            if best is None or obj[0] < best.objective_s:
+                best = self.result(x, obj[0], T[0], Tpf[0])
+        return best
+
+    def _round(self, x: np.ndarray) -> np.ndarray | None:
+        """Best whole-unit point among the roundings of ``x``, then single-unit moves: first out of any memory
+        overflow, then while they lower the objective. None if no point fits."""
+        floor = np.floor(x + 1e-9)
+        frac = x - floor
+        per_unit = []
+        for u, cnt in self.counts.items():
+            mine = [i for i, o in enumerate(self.options) if o[0] == u]
+            idx = sorted((i for i in mine if frac[i] > 1e-9), key=lambda i: -frac[i])
+            need = int(round(cnt - floor[mine].sum()))
+            idx = idx[: max(need + 2, 4)]
+            per_unit.append(list(itertools.combinations(idx, need))[:16] if need else [()])
+        points = []
+        for combo in itertools.product(*per_unit):
+            p = floor.copy()
+            for up in combo:
+                p[list(up)] += 1
+            points.append(p)
+            if len(points) >= 256:
+                break
+        X = np.array(points)
+        obj = self.evaluate(X)[0]
+        score = obj * (1 + 1e6 * self.overflow_gib(X))
+        x = self._improve(X[int(np.argmin(score))])
+        return x if self.overflow_gib(x)[0] <= 1e-9 else None
+
+    def _improve(self, x: np.ndarray, rounds: int = 60) -> np.ndarray:
+        """Move one unit between two options of the same kind while the best such move lowers the memory
+        overflow, then the objective."""
+        pairs = [(i, j) for i, a in enumerate(self.options) for j, b in enumerate(self.options)
+                 if i != j and a[0] == b[0]]
+        if not pairs:
+            return x
+        src = np.array([i for i, _ in pairs])
+        dst = np.array([j for _, j in pairs])
+        rows = np.arange(len(pairs))
+
+        def score(X: np.ndarray) -> np.ndarray:
+            return np.stack([self.overflow_gib(X), self.evaluate(X)[0]], axis=1)
+
+        current = score(x)[0]
+        for _ in range(rounds):
+            movable = x[src] >= 1
+            if not movable.any():
+                break
+            X = np.repeat(x[None, :], len(pairs), axis=0)
+            X[rows, src] -= 1
+            X[rows, dst] += 1
+            s = score(X)
+            s[~movable] = np.inf
+            k = int(np.lexsort((s[:, 1], s[:, 0]))[0])
+            better = s[k, 0] < current[0] - 1e-12 or (s[k, 0] <= current[0] + 1e-12 and s[k, 1] < current[1] * (1 - 1e-12))
+            if not better:
+                break
+            x, current = X[k], s[k]
+        return x

@@ -1,0 +1,348 @@
+"""Per-unit op records: the FLOPs and bytes one placed tensor (or one fixed step) costs in one pass.
+
+A *unit* is what the engine places whole: the attention weights of a layer, one routed expert, the dense MLP of a
+layer, the shared expert, the KV cache of a layer, embed, lm_head, the draft model. ``unit_ops`` returns the ops a
+unit at a tier costs in one pass (fetches, then compute), with ``count`` identical units folded into one record
+(times are linear in the count). The programs (``program.py``) wire these ops with dependencies; the LP
+(``lp.py``) reads per-resource times off the very same records, so both see one cost model.
+
+Sizes and FLOPs come from ``ModelSpec`` (parameters per tensor; 2 FLOPs per multiply-add).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.model import ModelSpec, dtype_bytes
+from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
+from specplan.planner.ops import Op, Phase
+
+#: tiers each unit may take (the LP's variables); a shared-memory profile has no host tier.
+UNIT_TIERS: dict[str, tuple[str, ...]] = {
+    "attention": ("device", "host", "disk"),
+    "kv": ("device", "host"),
+    "mlp": ("device", "host", "disk"),
+    "expert": ("device", "host", "disk"),
+    "shared": ("device", "host", "disk"),
+    "embed": ("device", "host"),
+    "lm_head": ("device", "host", "disk"),
+    # the draft model: "<weights tier>/<kv tier>"
+    "draft": ("device/device", "device/host", "host/host"),
+}
+
+#: kernel calls per op (each pays profile.overheads.per_op_s); the per-layer Python cost is per_layer_s.
+CALLS = {"attn_proj": 4, "attention": 1, "router": 2, "combine": 2, "expert": 5, "mlp": 4, "shared": 5,
+         "embed": 1, "lm_head": 2}
+
+
+@dataclass(frozen=True)
+class Costing:
+    """What stays fixed while the search varies the policy: model, draft, profile and dtypes."""
+
+    spec: ModelSpec
+    profile: HardwareProfile
+    weight_dtype: str
+    kv_dtype: str
+    draft_spec: ModelSpec | None = None  # a draft model
+    substitute_bits: int | None = None  # a quantised substitute of the target's streamed weights
+
+    @property
+    def shared(self) -> bool:
+        return self.profile.shared_memory
+
+    @cached_property
+    def w(self) -> float:
+        return dtype_bytes(self.weight_dtype)
+
+    @cached_property
+    def act(self) -> float:
+        """Bytes per activation element (the engine computes in the weight dtype)."""
+        return self.w
+
+    @cached_property
+    def sizes(self) -> dict[str, float]:
+        """Bytes of one unit of each weight kind at the weight dtype."""
+        s, w = self.spec, self.w
+        embed = s.embed_params() * w
+        return {
+            "attention": s.attention_params_per_layer() * w,
+            "mlp": s.dense_mlp_params() * w if s.intermediate_size else 0.0,
+            "expert": s.expert_params() * w,
+            "shared": s.shared_expert_params() * w,
+            "embed": embed,
+            "lm_head": embed if s.tie_word_embeddings else s.lm_head_params() * w,
+            "router_norms": (s.router_params() + s.layer_norm_params()) * w,
+            "norms": s.layer_norm_params() * w,
+            "final_norm": s.hidden_size * w,
+        }
+
+    @cached_property
+    def kv_layer_bytes(self) -> float:
+        """KV bytes one token adds to one layer."""
+        return self.spec.kv_bytes_per_token(self.kv_dtype) / self.spec.num_layers
+
+    @cached_property
+    def draft_bytes(self) -> float:
+        return self.draft_spec.weight_bytes(self.weight_dtype) if self.draft_spec else 0.0
+
+    @cached_property
+    def draft_kv_token_bytes(self) -> float:
+        return float(self.draft_spec.kv_bytes_per_token(self.kv_dtype)) if self.draft_spec else 0.0
+
+    def quantised(self, nbytes: float) -> float:
+        """Bytes of the substitute copy of ``nbytes`` of weights."""
+        return nbytes * (self.substitute_bits or 0) / 8 / self.w
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The policy choices that change op records."""
+
+    attention_on: str = "device"
+    experts_on: str = "device"
+    expert_fetch: str = "routed"
+    prefetch_depth: int = 1
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of one batch: ``seqs`` sequences, ``tokens`` new tokens each, over ``context`` cached."""
+
+    phase: Phase
+    seqs: int
+    tokens: int
+    context: int
+    batch: int = 0
+    substitute: bool = False  # a draft step of the quantised substitute (reads resident copies, no fetches)
+
+    @property
+    def rows(self) -> int:
+        return self.seqs * self.tokens
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows that need logits: the last token of each prompt in prefill, every new token otherwise."""
+        return self.seqs if self.phase == "prefill" else self.rows
+
+    @property
+    def positions(self) -> float:
+        """Key positions the new tokens of one sequence attend to (causal): T*c + T(T+1)/2."""
+        t = self.tokens
+        return t * self.context + t * (t + 1) / 2
+
+
+# ---- fetches -----------------------------------------------------------------------------------------------------
+
+
+def fetch_ops(c: Costing, p: Pass, name: str, group: str, nbytes: float, tier: str, *, to: str = "device",
+              prob: float = 1.0, on_demand: bool = False, calls: float = 1) -> list[Op]:
+    """Bring ``nbytes`` of a ``tier`` tensor to where it is computed (``to``: device or host).
+
+    Disk: a read (into host staging on a GPU machine, device staging without one), then host->device on a GPU.
+    Host -> device: one copy. Nothing when the tensor already lives where it is computed. The slot index is a
+    placeholder (0): the program sets it from the layer's position.
+    """
+    if tier == to or nbytes <= 0 or (c.shared and tier != "disk"):
+        return []
+    common = dict(group=group, phase=p.phase, batch=p.batch, prob=prob, on_demand=on_demand, calls=calls)
+    ops = []
+    if tier == "disk":
+        pool = "device" if c.shared else "host"
+        ops.append(Op(f"{name}.read", "disk_read", "transfer", bytes=nbytes, slot=(pool, 0), **common))
+    if to == "device" and not c.shared:
+        ops.append(Op(f"{name}.h2d", "h2d", "transfer", bytes=nbytes, slot=("device", 0), **common))
+    return ops
+
+
+def _handoff(fetches: list[Op], n: float = 1) -> tuple[tuple[str, float], ...]:
+    return (("thread_handoff_s", n),) if fetches else ()
+
+
+def _weight_bytes(c: Costing, p: Pass, kind: str, tier: str) -> float:
+    """Bytes a compute op reads for one unit: the tensor, or its quantised copy in a substitute draft step."""
+    full = c.sizes[kind]
+    return c.quantised(full) if p.substitute and tier != "device" else full
+
+
+# ---- units -------------------------------------------------------------------------------------------------------
+
+
+def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
+    s, rows = c.spec, p.rows
+    fetch = [] if p.substitute else fetch_ops(c, p, "attn", "attention", n * c.sizes["attention"], tier, calls=n)
+    params = s.hidden_size * s.q_dim * 2 + 2 * s.hidden_size * s.kv_dim
+    act = rows * (2 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim) * c.act
+    compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * params,
+                 bytes=n * (_weight_bytes(c, p, "attention", tier) + act), shape=(rows, s.hidden_size, s.q_dim),
+                 dtype=c.weight_dtype, calls=n * CALLS["attn_proj"], group="attention", phase=p.phase, batch=p.batch,
+                 overheads=(("per_layer_s", n),) + _handoff(fetch, n))
+    return fetch + [compute]
+
+
+def kv_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
+    """Attention over the KV cache of one layer, where the cache lives and the policy says it is computed."""
+    s = c.spec
+    common = dict(group="kv_cache", phase=p.phase, batch=p.batch)
+    flops = n * p.seqs * s.attention_flops_per_token(1) / s.num_layers * p.positions
+    kv_read = n * p.seqs * (p.context + p.tokens) * c.kv_layer_bytes
+    kv_new = n * p.rows * c.kv_layer_bytes
+    shape = (p.rows, s.head_dim, p.context + p.tokens)
+
+    def attn(resource: str, extra: tuple = ()) -> Op:
+        read = kv_new if p.phase == "prefill" else kv_read
+        return Op("attention", resource, "attention", flops=flops, bytes=read, shape=shape,
+                  dtype=c.weight_dtype, calls=n * CALLS["attention"], overheads=extra, **common)
+
+    if tier == "device" or c.shared:
+        return [attn("device_compute")]
+    if p.phase == "prefill":  # the whole prompt is in the pass: attend on the device, write the new KV back
+        return [attn("device_compute"),
+                Op("kv_writeback", "d2h", "transfer", bytes=kv_new, calls=n, **common)]
+    if k.attention_on == "host":  # FlexGen / SpecOffload style: ship q, k, v to the host, attend there, ship back
+        qkv = n * p.rows * (s.q_dim + 2 * s.kv_dim) * c.act
+        out = n * p.rows * s.q_dim * c.act
+        return [Op("qkv_d2h", "d2h", "transfer", bytes=qkv, calls=n, on_demand=True, **common),
+                attn("host_compute"),
+                Op("attn_out_h2d", "h2d", "transfer", bytes=out, calls=n, on_demand=True, **common)]
+    # the cache streams to the device every pass, the new entries go back
+    fetch = [Op("kv_h2d", "h2d", "transfer", bytes=n * p.seqs * p.context * c.kv_layer_bytes, calls=n,
+                slot=("device", 0), **common)]
+    return fetch + [attn("device_compute", _handoff(fetch, n)),
+                    Op("kv_writeback", "d2h", "transfer", bytes=kv_new, calls=n, **common)]
+
+
+def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -> list[Op]:
+    """The dense MLP (``kind="mlp"``) or the shared expert (``"shared"``) of a layer: all tokens go through it."""
+    s, rows = c.spec, p.rows
+    width = s.intermediate_size if kind == "mlp" else s.shared_expert_intermediate_size
+    params = 3 * s.hidden_size * width + (s.hidden_size if kind == "shared" else 0)
+    group = "mlp" if kind == "mlp" else "shared_experts"
+    fetch = [] if p.substitute else fetch_ops(c, p, kind, group, n * c.sizes[kind], tier, calls=n)
+    act = rows * (2 * s.hidden_size + 2 * width) * c.act
+    compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * params,
+                 bytes=n * (_weight_bytes(c, p, kind, tier) + act), shape=(rows, s.hidden_size, width),
+                 dtype=c.weight_dtype, calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
+                 overheads=_handoff(fetch, n))
+    return fetch + [compute]
+
+
+def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
+    """One routed expert: touched with probability ``1 - (1 - k/E)^N`` for the pass's N routed tokens."""
+    s = c.spec
+    prob = expert_touch_prob(s.num_experts, s.experts_per_token, p.rows)
+    m = rows_per_touched_expert(s.num_experts, s.experts_per_token, p.rows)
+    name = "E"
+    common = dict(group="experts", phase=p.phase, batch=p.batch)
+    on_host = tier != "device" and k.experts_on == "host" and not c.shared and not p.substitute
+    routed = k.expert_fetch == "routed" and p.phase != "prefill"
+    fetch = [] if p.substitute else fetch_ops(
+        c, p, name, "experts", n * c.sizes["expert"], tier, to="host" if on_host else "device",
+        prob=prob if routed else 1.0, on_demand=routed, calls=n)
+    act = m * (2 * s.hidden_size + 2 * s.moe_intermediate_size) * c.act
+    compute = Op(name, "host_compute" if on_host else "device_compute", "matmul",
+                 flops=n * 2 * m * 3 * s.hidden_size * s.moe_intermediate_size,
+                 bytes=n * (_weight_bytes(c, p, "expert", tier) + act), shape=(m, s.hidden_size, s.moe_intermediate_size),
+                 dtype=c.weight_dtype, calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
+    if not on_host:
+        return fetch + [compute]
+    # Fiddler style: the expert's tokens go to the host, the result comes back
+    tokens = n * m * s.hidden_size * c.act
+    return fetch + [Op(f"{name}.act_d2h", "d2h", "transfer", bytes=tokens, calls=n, prob=prob, on_demand=True, **common),
+                    compute,
+                    Op(f"{name}.act_h2d", "h2d", "transfer", bytes=tokens, calls=n, prob=prob, on_demand=True, **common)]
+
+
+def embed_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
+    rows_bytes = p.rows * c.spec.hidden_size * c.act
+    common = dict(group="embed", phase=p.phase, batch=p.batch)
+    if tier == "device" or c.shared:
+        return [Op("embed", "device_compute", "elementwise", bytes=rows_bytes, calls=CALLS["embed"], **common)]
+    return [Op("embed", "host_compute", "elementwise", bytes=rows_bytes, calls=CALLS["embed"], **common),
+            Op("embed.h2d", "h2d", "transfer", bytes=rows_bytes, on_demand=True, **common)]
+
+
+def lm_head_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
+    s = c.spec
+    fetch = [] if p.substitute else fetch_ops(c, p, "lm_head", "lm_head", c.sizes["lm_head"], tier)
+    rows = p.logit_rows
+    compute = Op("lm_head", "device_compute", "matmul", flops=2 * rows * s.hidden_size * s.vocab_size,
+                 bytes=_weight_bytes(c, p, "lm_head", tier) + c.sizes["final_norm"] + rows * s.vocab_size * 4,
+                 shape=(rows, s.hidden_size, s.vocab_size), dtype=c.weight_dtype, calls=CALLS["lm_head"],
+                 group="lm_head", phase=p.phase, batch=p.batch, overheads=(("per_step_s", 1),) + _handoff(fetch))
+    return fetch + [compute]
+
+
+def router_op(c: Costing, p: Pass, n: float = 1) -> Op:
+    s, rows = c.spec, p.rows
+    return Op("router", "device_compute", "matmul", flops=n * 2 * rows * s.hidden_size * s.num_experts,
+              bytes=n * (c.sizes["router_norms"] + 2 * rows * s.hidden_size * c.act),
+              shape=(rows, s.hidden_size, s.num_experts), dtype=c.weight_dtype, calls=n * CALLS["router"],
+              group="norms_router", phase=p.phase, batch=p.batch)
+
+
+def combine_op(c: Costing, p: Pass, n: float = 1) -> Op:
+    s = c.spec
+    return Op("moe_combine", "device_compute", "elementwise",
+              bytes=n * p.rows * (s.experts_per_token + 1) * s.hidden_size * c.act, calls=n * CALLS["combine"],
+              group="norms_router", phase=p.phase, batch=p.batch)
+
+
+def draft_model_ops(c: Costing, p: Pass, tier: str, step: int | None = None) -> list[Op]:
+    """One forward of the draft model over the pass (a draft step, or its prefill), all layers folded."""
+    d = c.draft_spec
+    assert d is not None
+    w_tier, kv_tier = tier.split("/")
+    unit = {"device": "device_compute", "host": "host_compute"}
+    tag = "draft" if step is None else f"draft{step}"
+    common = dict(group="draft", phase=p.phase, batch=p.batch)
+    head = 2 * d.hidden_size * d.vocab_size
+    flops = p.rows * (d.matmul_flops_per_token() - head) + p.logit_rows * head
+    act = p.rows * (4 * d.hidden_size + 2 * max(d.intermediate_size, d.moe_intermediate_size)) * c.act
+    ops = [Op(f"{tag}.matmuls", unit[w_tier], "matmul", flops=flops,
+              bytes=c.draft_bytes + act + p.logit_rows * d.vocab_size * 4,
+              shape=(p.rows, d.hidden_size, max(d.intermediate_size, d.moe_intermediate_size, 1)),
+              dtype=c.weight_dtype, calls=7 * d.num_layers + 1,
+              overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common)]
+    kv = p.seqs * (p.context + p.tokens) * c.draft_kv_token_bytes
+    if p.phase == "prefill":
+        kv = p.rows * c.draft_kv_token_bytes
+    attention = Op(f"{tag}.attention", unit[kv_tier if not c.shared else "device"], "attention",
+                   flops=p.seqs * d.attention_flops_per_token(1) * p.positions, bytes=kv,
+                   shape=(p.rows, d.head_dim, p.context + p.tokens), dtype=c.weight_dtype, calls=d.num_layers,
+                   **common)
+    if w_tier == kv_tier or c.shared:
+        return ops + [attention]
+    qkv = p.rows * d.num_layers * (d.q_dim + 2 * d.kv_dim) * c.act
+    out = p.rows * d.num_layers * d.q_dim * c.act
+    return ops + [Op(f"{tag}.qkv_d2h", "d2h", "transfer", bytes=qkv, calls=d.num_layers, on_demand=True, **common),
+                  attention,
+                  Op(f"{tag}.attn_out_h2d", "h2d", "transfer", bytes=out, calls=d.num_layers, on_demand=True, **common)]
+
+
+def unit_ops(c: Costing, k: Knobs, p: Pass, unit: str, tier: str, n: float = 1) -> list[Op]:
+    """The ops of ``n`` identical units of kind ``unit`` at ``tier`` in pass ``p``; names are relative to the
+    layer (the program prefixes ``L{i}.``), fetch slots carry a placeholder index."""
+    if unit == "attention":
+        return attention_ops(c, k, p, tier, n)
+    if unit == "kv":
+        return kv_ops(c, k, p, tier, n)
+    if unit in ("mlp", "shared"):
+        return ffn_ops(c, k, p, unit, tier, n)
+    if unit == "expert":
+        return expert_ops(c, k, p, tier, n)
+    if unit == "embed":
+        return embed_ops(c, k, p, tier)
+    if unit == "lm_head":
+        return lm_head_ops(c, k, p, tier)
+    if unit == "draft":
+        return draft_model_ops(c, p, tier)
+    raise ValueError(f"unknown unit {unit}")
+
+
+def fixed_layer_ops(c: Costing, p: Pass, moe_layers: float) -> list[Op]:
+    """Ops every pass pays whatever the placement: routers and expert combines of the MoE layers."""
+    if not moe_layers:
+        return []
+    return [router_op(c, p, moe_layers), combine_op(c, p, moe_layers)]

@@ -1,0 +1,59 @@
+"""Calibration: measured per-token acceptance of speculative drafts (``specplan search --calibration FILE``).
+
+One record per (draft, target) pair, written by whoever measured it (``specplan run`` on a speculative plan, or by
+hand from a published figure, saying so in ``source``)::
+
+    {"schema_version": 1, "created_utc": "...",
+     "acceptance": [{"draft": "substitute:int4", "target": "mixtral-8x22b", "acceptance": 0.91,
+                     "proposed_tokens": 4096, "accepted_tokens": 3502, "source": "specplan run results/..."}]}
+
+``acceptance`` is the per-token probability ``a`` of the model ``E[tokens per round] = (1 - a^(g+1)) / (1 - a)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AcceptanceRecord(_Strict):
+    draft: str = Field(min_length=1)  # draft label: "substitute:int4", a catalog name or a folder name
+    target: str | None = None  # the target it was measured against; None = any
+    acceptance: float = Field(ge=0, le=1)
+    proposed_tokens: int | None = Field(None, ge=1)  # draft tokens the target checked
+    accepted_tokens: int | None = Field(None, ge=0)
+    source: str = Field(min_length=1)  # how it was measured
+
+    @model_validator(mode="after")
+    def _counts(self) -> "AcceptanceRecord":
+        if (self.proposed_tokens is None) != (self.accepted_tokens is None):
+            raise ValueError("give both proposed_tokens and accepted_tokens, or neither")
+        if self.proposed_tokens is not None and self.accepted_tokens > self.proposed_tokens:  # type: ignore[operator]
+            raise ValueError("accepted_tokens cannot exceed proposed_tokens")
+        return self
+
+
+class Calibration(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created_utc: str
+    acceptance: list[AcceptanceRecord] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Calibration":
+        keys = [(r.draft, r.target) for r in self.acceptance]
+        if len(keys) != len(set(keys)):
+            raise ValueError("two records for the same (draft, target)")
+        return self
+
+    def find(self, draft: str, target: str | None = None) -> AcceptanceRecord | None:
+        """The record for this draft and target, else one for this draft with no target."""
+        exact = [r for r in self.acceptance if r.draft == draft and r.target == target and target is not None]
+        anyt = [r for r in self.acceptance if r.draft == draft and r.target is None]
+        return (exact or anyt or [None])[0]
