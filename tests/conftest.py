@@ -9,3 +9,7 @@ def _specplan_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     yield
+
+
+# shared tiny-model fixtures of the engine tests (tests/engine_fixtures.py)
+from engine_fixtures import tiny_model  # noqa: E402,F401

@@ -1,0 +1,437 @@
+"""Local HF checkpoints: config.json + safetensors (one file or a sharded index) -> canonical tensor references.
+
+``open_checkpoint(folder)`` reads only the config and the safetensors headers: every tensor becomes a ``TensorRef``
+(file, absolute byte offset, byte count, dtype, shape) under a canonical name that does not depend on the HF layout
+(see /work/notes/engine_api.md). Both MoE layouts map to the same names: the published per-expert one
+(``block_sparse_moe.experts.N.w1/w2/w3``, ``mlp.experts.N.gate_proj/...``) and the fused one transformers 5 writes
+(``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]), where each expert's gate, up and
+down is a contiguous byte range inside the fused tensor. Problems (missing config or shard, truncated or corrupted
+file, weights that do not match the config) raise ``SpecplanError`` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specplan.contracts.model import ModelSpec, from_hf_config
+from specplan.errors import SpecplanError
+from specplan.jsonio import read_json
+
+#: safetensors dtype codes -> torch dtype names (the ones the engine can read).
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+#: a header longer than this is not a real safetensors header (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes are: ``nbytes`` contiguous bytes at absolute ``offset`` of ``file``."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its ``ModelSpec`` and a ``TensorRef`` per canonical tensor name (no data read yet)."""
+
+    folder: Path
+    spec: ModelSpec
+    tensors: dict[str, TensorRef]
+    config: dict = field(repr=False, default_factory=dict)
+
+    def read(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The whole tensor ``name`` read from disk (buffered), converted to ``dtype`` (None: as stored)."""
+        ref = self.tensors.get(name)
+        if ref is None:
+            raise KeyError(f"{self.folder}: no tensor '{name}'")
+        return read_tensor(ref, dtype)
+
+    def layer_refs(self, i: int) -> dict[str, TensorRef]:
+        """Non-expert tensors of layer ``i``, keyed without the ``layers.{i}.`` prefix ("attn.q", "router", ...)."""
+        prefix = f"layers.{i}."
+        return {n[len(prefix):]: r for n, r in self.tensors.items()
+                if n.startswith(prefix) and not n.startswith(prefix + "experts.")}
+
+    def expert_refs(self, i: int, e: int) -> dict[str, TensorRef]:
+        """The ``gate``, ``up`` and ``down`` references of expert ``e`` of layer ``i``."""
+        prefix = f"layers.{i}.experts.{e}."
+        return {p: self.tensors[prefix + p] for p in ("gate", "up", "down")}
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.folder / f).is_file() for f in TOKENIZER_FILES)
+
+    def tokenizer(self):
+        """The folder's tokenizer (transformers ``AutoTokenizer``); ``SpecplanError`` if the folder has none."""
+        if not self.has_tokenizer:
+            raise SpecplanError(f"{self.folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                f"pass token ids, or use a model folder that includes its tokenizer")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+
+# ---- canonical names ---------------------------------------------------------------------------------------------
+
+
+def tensor_group(name: str) -> str:
+    """The weight group (``specplan.contracts.model.WEIGHT_GROUPS``) a canonical tensor belongs to."""
+    if name in ("embed", "lm_head"):
+        return name
+    if name == "final_norm":
+        return "norms_router"
+    part = name.split(".", 2)[2]  # after "layers.{i}."
+    if part.startswith("attn."):
+        return "attention"
+    if part.startswith("experts."):
+        return "experts"
+    if part.startswith("shared"):
+        return "shared_experts"
+    if part.startswith("mlp."):
+        return "mlp"
+    return "norms_router"  # input_norm, post_attn_norm, router
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Canonical name -> (shape, required) of every tensor the config implies (optional: biases not in the spec)."""
+    h, q, kvd, hd = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.head_dim
+    out: dict[str, tuple[tuple[int, ...], bool]] = {"embed": ((spec.vocab_size, h), True), "final_norm": ((h,), True)}
+    if not spec.tie_word_embeddings:
+        out["lm_head"] = ((spec.vocab_size, h), True)
+    qkv_bias = spec.attention_bias in ("qkv", "qkvo")
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        out[p + "input_norm"] = ((h,), True)
+        out[p + "post_attn_norm"] = ((h,), True)
+        for n, shape in (("q", (q, h)), ("k", (kvd, h)), ("v", (kvd, h)), ("o", (h, q))):
+            out[p + f"attn.{n}"] = (shape, True)
+        for n, size in (("q", q), ("k", kvd), ("v", kvd)):
+            out[p + f"attn.{n}_bias"] = ((size,), qkv_bias)
+        out[p + "attn.o_bias"] = ((h,), spec.attention_bias == "qkvo")
+        if spec.qk_norm == "per_head":
+            out[p + "attn.q_norm"] = ((hd,), True)
+            out[p + "attn.k_norm"] = ((hd,), True)
+        elif spec.qk_norm == "full":
+            out[p + "attn.q_norm"] = ((q,), True)
+            out[p + "attn.k_norm"] = ((kvd,), True)
+        if spec.is_moe_layer(i):
+            out[p + "router"] = ((spec.num_experts, h), True)
+            _ffn(out, p, [f"experts.{e}" for e in range(spec.num_experts)], h, spec.moe_intermediate_size, False)
+            if spec.shared_expert_intermediate_size:
+                _ffn(out, p, ["shared"], h, spec.shared_expert_intermediate_size, False)
+                out[p + "shared_gate"] = ((1, h), True)
+        else:
+            _ffn(out, p, ["mlp"], h, spec.intermediate_size, spec.mlp_bias)
+    return out
+
+
+def _ffn(out: dict, prefix: str, names: list[str], h: int, inter: int, bias: bool) -> None:
+    for n in names:
+        out[f"{prefix}{n}.gate"] = ((inter, h), True)
+        out[f"{prefix}{n}.up"] = ((inter, h), True)
+        out[f"{prefix}{n}.down"] = ((h, inter), True)
+        if bias:
+            out[f"{prefix}{n}.gate_bias"] = ((inter,), True)
+            out[f"{prefix}{n}.up_bias"] = ((inter,), True)
+            out[f"{prefix}{n}.down_bias"] = ((h,), True)
+
+
+_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_LAYER_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"input_layernorm\.weight"), "input_norm"),
+    (re.compile(r"post_attention_layernorm\.weight"), "post_attn_norm"),
+    (re.compile(r"self_attn\.([qkvo])_proj\.weight"), r"attn.\1"),
+    (re.compile(r"self_attn\.([qkvo])_proj\.bias"), r"attn.\1_bias"),
+    (re.compile(r"self_attn\.([qk])_norm\.weight"), r"attn.\1_norm"),
+    (re.compile(r"(?:block_sparse_moe|mlp)\.gate\.weight"), "router"),
+    (re.compile(r"mlp\.shared_expert_gate\.weight"), "shared_gate"),
+    (re.compile(r"mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight"), "shared.{proj}"),
+    (re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"),
+     "experts.{e}.{proj}"),
+    (re.compile(r"mlp\.(gate_proj|up_proj|down_proj)\.weight"), "mlp.{proj}"),
+    (re.compile(r"mlp\.(gate_proj|up_proj|down_proj)\.bias"), "mlp.{proj}_bias"),
+]
+_FUSED = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)")
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head",
+        "embed_tokens.weight": "embed", "norm.weight": "final_norm"}
+
+
+def canonical_name(hf_name: str) -> str | None:
+    """Canonical name of one HF tensor (None if the engine does not use it; fused expert tensors are handled apart)."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER.match(hf_name)
+    if not m:
+        return None
+    i, rest = m.group(1), m.group(2)
+    for pattern, target in _LAYER_RULES:
+        r = pattern.fullmatch(rest)
+        if not r:
+            continue
+        if "{" in target:
+            groups = r.groups()
+            proj = _PROJ[groups[-1]]
+            name = target.format(proj=proj, e=groups[0] if len(groups) > 1 else "")
+        else:
+            name = r.expand(target)
+        return f"layers.{i}.{name}"
+    return None
+
+
+# ---- safetensors headers -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """One tensor as the safetensors header describes it."""
+
+    hf_name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> list[_Raw]:
+    """Parse and check one safetensors header; the data ranges must lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SpecplanError(f"{path}: truncated safetensors file ({size} bytes, no header); "
+                                    f"re-download or rebuild the checkpoint")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise SpecplanError(f"{path}: corrupted safetensors header (claims {n} header bytes); "
+                                    f"re-download or rebuild the checkpoint")
+            if 8 + n > size:
+                raise SpecplanError(f"{path}: truncated safetensors file (header says {n} header bytes, file has "
+                                    f"{size} bytes in all); re-download or rebuild the checkpoint")
+            text = f.read(n)
+    except OSError as e:
+        raise SpecplanError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecplanError(f"{path}: corrupted safetensors header ({str(e).splitlines()[0][:80]}); "
+                            f"re-download or rebuild the checkpoint") from None
+    base, data_size = 8 + n, size - 8 - n
+    out = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        out.append(_check_entry(path, name, meta, base, data_size))
+    need = max((r.offset + r.nbytes - base for r in out), default=0)
+    if need > data_size:
+        raise SpecplanError(f"{path}: truncated safetensors file (header says {need} bytes of tensor data, the file "
+                            f"has {data_size}); re-download or rebuild the checkpoint")
+    return out
+
+
+def _check_entry(path: Path, name: str, meta, base: int, data_size: int) -> _Raw:
+    def bad(why: str) -> SpecplanError:
+        return SpecplanError(f"{path}: corrupted safetensors header (tensor '{name}': {why}); "
+                             f"re-download or rebuild the checkpoint")
+
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise bad("needs dtype, shape and data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise SpecplanError(f"{path}: tensor '{name}' has dtype {meta['dtype']}, which the engine cannot read "
+                            f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offs = meta["shape"], meta["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise bad(f"bad shape {shape!r}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise bad(f"bad data_offsets {offs!r}")
+    nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    if offs[1] - offs[0] != nbytes:
+        raise bad(f"data_offsets span {offs[1] - offs[0]} bytes, shape {shape} x {dtype} needs {nbytes}")
+    return _Raw(name, path, base + offs[0], nbytes, dtype, tuple(shape))
+
+
+def read_tensor(ref: TensorRef, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Read one tensor's bytes (buffered) and convert it to ``dtype`` (None keeps the stored dtype)."""
+    raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # not zero-filled: the reads overwrite every byte
+    view, got = memoryview(raw.numpy()), 0
+    try:
+        with ref.file.open("rb", buffering=0) as f:
+            f.seek(ref.offset)
+            while got < ref.nbytes:  # one read(2) returns at most ~2 GiB
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except OSError as e:
+        raise SpecplanError(f"{ref.file}: cannot read tensor '{ref.name}' ({e.strerror})") from None
+    if got != ref.nbytes:
+        raise SpecplanError(f"{ref.file}: truncated while reading tensor '{ref.name}' (got {got} of {ref.nbytes} "
+                            f"bytes); re-download or rebuild the checkpoint")
+    t = raw.view(ref.torch_dtype).reshape(ref.shape)
+    return t if dtype is None or dtype == t.dtype else t.to(dtype)
+
+
+# ---- opening a folder --------------------------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: from the sharded index when there is one, else ``model.safetensors``."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        data = read_json(index)
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise SpecplanError(f"{index}: no 'weight_map'; re-download the index or the checkpoint")
+        files = []
+        for shard in sorted(set(wm.values())):
+            p = folder / shard
+            if not p.is_file():
+                raise SpecplanError(f"{index}: shard '{shard}' named in the index is missing from {folder}; "
+                                    f"re-download it")
+            files.append(p)
+        return files
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    bins = sorted(folder.glob("*.bin"))
+    hint = " (only PyTorch .bin files: re-save with safetensors)" if bins else ""
+    raise SpecplanError(f"{folder}: no safetensors weights{hint}; pass an HF folder with model.safetensors or "
+                        f"a sharded {INDEX_NAME}")
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Open a local HF model folder; reads the config and the headers only."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SpecplanError(f"{folder}: no such model folder")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise SpecplanError(f"{folder}: no config.json; pass an HF model folder (config.json + safetensors)")
+    config = read_json(cfg_path)
+    spec = from_hf_config(config, name=folder.name, source=str(cfg_path))
+    _check_supported(config, spec, cfg_path)
+    raws: list[_Raw] = []
+    for f in weight_files(folder):
+        raws.extend(read_safetensors_header(f))
+    tensors = _map_tensors(raws, spec)
+    _check_against_config(tensors, spec, cfg_path)
+    return Checkpoint(folder=folder, spec=spec, tensors=tensors, config=config)
+
+
+def _check_supported(config: dict, spec: ModelSpec, cfg_path: Path) -> None:
+    from specplan.engine.model import ACTIVATIONS, ROPE_TYPES  # the forward decides what it can compute
+
+    if spec.hidden_act not in ACTIVATIONS:
+        raise SpecplanError(f"{cfg_path}: hidden_act '{spec.hidden_act}' is not supported by the engine "
+                            f"(supported: {', '.join(ACTIVATIONS)})")
+    rope_type = (spec.rope_scaling or {}).get("rope_type", (spec.rope_scaling or {}).get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise SpecplanError(f"{cfg_path}: rope scaling '{rope_type}' is not supported by the engine "
+                            f"(supported: {', '.join(ROPE_TYPES)})")
+    if spec.sliding_window and spec.family not in ("mistral", "mixtral"):
+        raise SpecplanError(f"{cfg_path}: per-layer sliding-window attention ({spec.family} with use_sliding_window) "
+                            f"is not supported by the engine")
+    if config.get("clip_qkv") is not None:
+        raise SpecplanError(f"{cfg_path}: clip_qkv is not supported by the engine")
+    if spec.is_moe and spec.mlp_bias:
+        raise SpecplanError(f"{cfg_path}: MoE experts with biases (mlp_bias) are not supported by the engine")
+
+
+def _map_tensors(raws: list[_Raw], spec: ModelSpec) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    for r in raws:
+        m = _LAYER.match(r.hf_name)
+        fused = _FUSED.fullmatch(m.group(2)) if m else None
+        if fused:
+            for ref in _split_fused(r, int(m.group(1)), fused.group(1), spec):
+                tensors[ref.name] = ref
+            continue
+        name = canonical_name(r.hf_name)
+        if name is None:
+            continue
+        if name in tensors:
+            raise SpecplanError(f"{r.file}: tensor '{r.hf_name}' ({name}) appears twice in the checkpoint; "
+                                f"re-download or rebuild it")
+        tensors[name] = TensorRef(name, r.file, r.offset, r.nbytes, r.dtype, r.shape)
+    if spec.tie_word_embeddings:
+        tensors.pop("lm_head", None)  # tied: the model uses the embedding
+    return tensors
+
+
+def _split_fused(r: _Raw, layer: int, kind: str, spec: ModelSpec) -> list[TensorRef]:
+    """Per-expert references into a fused [E, 2I, H] gate_up or [E, H, I] down tensor."""
+    e, h, inter = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+    want = (e, 2 * inter, h) if kind == "gate_up_proj" else (e, h, inter)
+    if r.shape != want:
+        raise SpecplanError(f"{r.file}: tensor '{r.hf_name}' has shape {list(r.shape)} but config.json implies "
+                            f"{list(want)}; the weights do not match the config")
+    item = r.nbytes // max(1, math.prod(r.shape))
+    per_expert = r.nbytes // e
+    p = f"layers.{layer}.experts."
+    refs = []
+    for x in range(e):
+        base = r.offset + x * per_expert
+        if kind == "gate_up_proj":
+            half = inter * h * item
+            refs.append(TensorRef(f"{p}{x}.gate", r.file, base, half, r.dtype, (inter, h)))
+            refs.append(TensorRef(f"{p}{x}.up", r.file, base + half, half, r.dtype, (inter, h)))
+        else:
+            refs.append(TensorRef(f"{p}{x}.down", r.file, base, per_expert, r.dtype, (h, inter)))
+    return refs
+
+
+def _check_against_config(tensors: dict[str, TensorRef], spec: ModelSpec, cfg_path: Path) -> None:
+    expected = expected_shapes(spec)
+    for name, (shape, required) in expected.items():
+        ref = tensors.get(name)
+        if ref is None:
+            if required:
+                raise SpecplanError(f"{cfg_path.parent}: tensor '{name}' that {cfg_path.name} implies is missing "
+                                    f"from the weights; the weights do not match the config")
+            continue
+        if ref.shape != shape:
+            raise SpecplanError(f"{ref.file}: tensor '{name}' has shape {list(ref.shape)} but {cfg_path.name} "
+                                f"implies {list(shape)}; the weights do not match the config")
+    extra = sorted(n for n in tensors if n not in expected)
+    if extra:
+        raise SpecplanError(f"{tensors[extra[0]].file}: tensor '{extra[0]}' is not part of the model {cfg_path.name} "
+                            f"describes (e.g. more layers or experts); the weights do not match the config")
