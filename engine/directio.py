@@ -96,6 +96,12 @@ def open_direct(path: str | os.PathLike, require_direct: bool = False) -> Direct
     return DirectFile(path, os.open(path, os.O_RDONLY), False, size)
 
 
+def open_buffered(path: str | os.PathLike) -> DirectFile:
+    """Open for buffered reads through the page cache (the pages read are dropped again after each read)."""
+    path = os.fspath(path)
+    return DirectFile(path, os.open(path, os.O_RDONLY), False, os.stat(path).st_size)
+
+
 def _probe_direct(fd: int, size: int) -> bool:
     """Some filesystems accept the O_DIRECT flag on open and fail on the first read (tmpfs, some FUSE)."""
     if size == 0:

@@ -109,6 +109,8 @@ class Link(_Strict):
 
     bandwidth_Bps: Curve
     latency_s: float = Field(ge=0)
+    #: measured profiles: the samples behind ``latency_s`` (its min / median / max).
+    latency_samples_s: Stat | None = None
 
     def bandwidth_at(self, nbytes: float) -> float:
         return self.bandwidth_Bps.at(nbytes)
@@ -170,6 +172,8 @@ class Overheads(_Strict):
     per_layer_s: float = Field(ge=0)  # python and bookkeeping per transformer layer
     per_step_s: float = Field(ge=0)  # per forward pass (sampling, batch bookkeeping)
     thread_handoff_s: float = Field(ge=0)  # handing a ready buffer from the prefetch thread to the compute thread
+    #: measured profiles: the samples behind each figure above, by field name (min / median / max).
+    samples_s: dict[str, Stat] | None = None
 
 
 class Provenance(_Strict):

@@ -1,0 +1,84 @@
+"""The memory budget: what a run will hold on each tier, checked against the plan's capacities before anything is
+allocated, and what it held (reported after the run).
+
+Per tier: resident weights at the compute dtype (from the checkpoint's shapes), the KV caches of one wave (every
+interleaved batch, ``decode_batch`` rows of ``capacity`` positions, per layer on its tier), the staging buffers
+(prefetch ring + routed-expert pool, on the device), and activations (the planner's estimate of one pass's working
+memory, ``planner.memory.activation_bytes`` — one formula for planner and engine).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specplan.contracts.plan import Plan
+from specplan.engine.store import StoreLayout
+from specplan.errors import InfeasibleError
+from specplan.fmt import human_bytes
+
+TIERS = ("device", "host")
+
+
+def kv_bytes_by_tier(plan: Plan, capacity: int, dtype: torch.dtype) -> dict[str, int]:
+    """KV caches of one wave: ``num_batches`` caches of ``decode_batch`` rows, each layer on its plan tier."""
+    from specplan.engine.kvcache import KVCache
+
+    spec, pol = plan.model.spec, plan.policy
+    per_layer = KVCache.bytes_for(spec, pol.decode_batch, capacity, dtype) // spec.num_layers * pol.num_batches
+    out = {t: 0 for t in TIERS}
+    for lp in plan.placement.layers:
+        out["device" if lp.kv_cache == "device" else "host"] += per_layer
+    return out
+
+
+def activation_bytes(plan: Plan, dtype_name: str, prompt_len: int, capacity: int) -> int:
+    """Working memory of the larger of a prefill pass and a decode pass (the planner's formula)."""
+    from specplan.planner.memory import activation_bytes as per_pass
+    from specplan.planner.units import Costing, Pass
+
+    pol = plan.policy
+    c = Costing(spec=plan.model.spec, profile=plan.profile, weight_dtype=dtype_name, kv_dtype=dtype_name)
+    prefill = per_pass(c, Pass("prefill", min(pol.prefill_batch, pol.decode_batch), prompt_len, 0))
+    decode = per_pass(c, Pass("decode", pol.decode_batch, 1, capacity))
+    return int(max(prefill, decode))
+
+
+def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: int, dtype: torch.dtype,
+                   dtype_name: str) -> dict[str, dict[str, int]]:
+    """tier -> item -> bytes the run will allocate."""
+    weights = layout.weight_bytes()
+    kv = kv_bytes_by_tier(plan, capacity, dtype)
+    need = {t: {"weights": weights[t], "kv_cache": kv[t]} for t in TIERS}
+    need["device"]["staging"] = layout.staging_bytes()
+    need["device"]["activations"] = activation_bytes(plan, dtype_name, prompt_len, capacity)
+    return need
+
+
+def check_budget(plan: Plan, need: dict[str, dict[str, int]], available_bytes: int | None = None) -> None:
+    """``InfeasibleError`` (one line) if a tier's need exceeds the plan's capacity, or all of it this machine's RAM."""
+    caps = {"device": plan.capacities.device_bytes, "host": plan.capacities.host_bytes}
+    for tier in TIERS:
+        total = sum(need[tier].values())
+        cap = caps[tier]
+        if cap is not None and total > cap:
+            parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in need[tier].items() if v)
+            raise InfeasibleError(
+                f"the plan needs {human_bytes(total)} on the {tier} tier ({parts}) but its capacity is "
+                f"{human_bytes(cap)} ({human_bytes(total - cap)} too much); re-plan with more {tier} memory, a smaller "
+                f"batch, or more weights on disk")
+    total = sum(sum(items.values()) for items in need.values())
+    if available_bytes is not None and total > available_bytes:
+        raise InfeasibleError(f"the plan needs {human_bytes(total)} of memory but this machine has "
+                              f"{human_bytes(available_bytes)} available; re-plan with a smaller --vram/--ram")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of this machine (Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

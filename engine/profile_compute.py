@@ -1,0 +1,178 @@
+"""Compute throughput of a device (a GPU, or the CPU itself), measured with the calls the engine makes.
+
+- Matmul: ``torch.nn.functional.linear(x [m, k], w [n, k])`` — the engine's linear layers — over decode-shaped
+  (m = 1..512) and prefill-shaped rows, per weight shape (k, n) and dtype. Each call takes the next of several weight
+  copies whose total is larger than the last-level cache, so small-m figures are the rate of streaming weights from
+  memory, as they are for a model's layers, not of re-reading a cached matrix.
+- Decode attention: ``scaled_dot_product_attention`` of one query token per sequence over a KV cache laid out
+  [batch, kv_heads, seq, head_dim] with a boolean mask and GQA, through the engine's own ``attend``; the figure is
+  KV bytes read per second over the KV bytes of one call.
+- Memory bandwidth: the read rate of ``torch.sum`` over a tensor several times the last-level cache.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import cycle
+from pathlib import Path
+
+from specplan.contracts.hardware import Curve, MatmulCurve, Point, Stat
+from specplan.contracts.model import ModelSpec, dtype_bytes
+from specplan.engine.profile_timing import Ticker, interleaved_seconds, rate, sample_seconds
+
+#: at most this many weight / KV copies are rotated (tiny tensors would otherwise need thousands).
+MAX_COPIES = 4096
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * mult)
+    return max(sizes) if sizes else None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def copies_for(nbytes: int, working_set_bytes: int) -> int:
+    return max(1, min(MAX_COPIES, math.ceil(working_set_bytes / max(nbytes, 1))))
+
+
+def weight_copies(k: int, n: int, dtype: str, device: str, working_set_bytes: int) -> list:
+    import torch
+
+    count = copies_for(int(k * n * dtype_bytes(dtype)), working_set_bytes)
+    scale = 1 / math.sqrt(k)
+    return [torch.empty((n, k), dtype=_torch_dtype(dtype), device=device).uniform_(-scale, scale) for _ in range(count)]
+
+
+def linear_call(weights: list, m: int):
+    """One ``F.linear`` of ``m`` rows per call, each call on the next of ``weights``."""
+    import torch
+    import torch.nn.functional as F
+
+    w0 = weights[0]
+    x = torch.empty((m, w0.shape[1]), dtype=w0.dtype, device=w0.device).uniform_(-1, 1)
+    ws = cycle(weights)
+    return lambda: F.linear(x, next(ws))
+
+
+def matmul_steps(n_curves: int, rows: tuple[int, ...], reps: int) -> int:
+    return n_curves * len(rows) * (reps + 1)
+
+
+def matmul_curves(
+    shapes: tuple[tuple[int, int], ...], rows: tuple[int, ...], dtypes: list[str], device: str, reps: int,
+    min_sample_s: float, working_set_bytes: int, ticker: Ticker,
+) -> list[MatmulCurve]:
+    """Achieved FLOP/s (2 m k n per call) of ``F.linear`` over ``rows`` for each dtype and ``k x n`` weight.
+
+    All points are sampled round-robin (``interleaved_seconds``).
+    """
+    curves = [(d, k, n) for d in dtypes for k, n in shapes]
+    weights = {c: weight_copies(c[1], c[2], c[0], device, working_set_bytes) for c in curves}
+    points = [(c, m) for c in curves for m in rows]
+    fns = [linear_call(weights[c], m) for c, m in points]
+    labels = [f"matmul {d} {k}x{n} m={m}" for (d, k, n), m in points]
+    seconds = interleaved_seconds(fns, labels, reps, min_sample_s, device == "cuda", ticker)
+    by_curve: dict[tuple, list[Point]] = {c: [] for c in curves}
+    for ((d, k, n), m), t in zip(points, seconds):
+        by_curve[(d, k, n)].append(Point(x=m, y=rate(2.0 * m * k * n, t)))
+    return [MatmulCurve(dtype=d, k=k, n=n, flops=Curve(x_name="rows", y_name="flops", points=by_curve[(d, k, n)]))
+            for d, k, n in curves]
+
+
+def dtype_speed_ratio(dtype: str, device: str, reps: int, min_sample_s: float, k: int = 2048, m: int = 256) -> float:
+    """Rate of ``dtype`` relative to float32 on one prefill-like ``F.linear`` (m x k x k)."""
+    t = {d: sample_seconds(linear_call(weight_copies(k, k, d, device, 0), m), reps, min_sample_s, device == "cuda")
+         for d in ("float32", dtype)}
+    return t["float32"].median / t[dtype].median
+
+
+def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[list[str], str]:
+    """The matmul dtypes worth profiling on ``device``, and a note saying why.
+
+    On CUDA: float32, float16 and bfloat16 where the GPU supports it. On a CPU: float32, plus bfloat16 only when it
+    runs at least half as fast as float32 (on CPUs without AMX/bf16 units it is several times slower, and the engine
+    converts such weights to float32 to compute).
+    """
+    if device == "cuda":
+        import torch
+
+        dtypes = ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
+        return dtypes, f"device matmul dtypes: {', '.join(dtypes)}"
+    ratio = dtype_speed_ratio("bfloat16", device, reps, min_sample_s)
+    if ratio >= 0.5:
+        return ["float32", "bfloat16"], f"bfloat16 F.linear runs at {ratio:.2f}x float32 here: profiled"
+    return ["float32"], (f"bfloat16 F.linear runs at {ratio:.2f}x float32 here (2048x2048, m=256): not profiled; "
+                         f"the engine computes in float32 on this CPU")
+
+
+def decode_attention(q, k, v, mask):
+    """Decode attention exactly as the engine computes it: ``specplan.engine.model.attend`` (SDPA with a boolean mask,
+    GQA over ``q.shape[1] // k.shape[1]`` query heads per KV head)."""
+    from specplan.engine.model import attend
+
+    return attend(q, k, v, mask, q.shape[1] // k.shape[1], q.shape[-1])
+
+
+def attention_steps(points: int, reps: int) -> int:
+    return points * (reps + 1)
+
+
+def attention_curve(
+    spec: ModelSpec, kv_bytes: tuple[int, ...], device: str, reps: int, min_sample_s: float,
+    working_set_bytes: int, ticker: Ticker,
+) -> Curve:
+    """KV bytes read per second by one decode-attention call of one sequence, over the KV bytes of the call.
+
+    Head geometry from ``spec``; the KV length of a point is its KV bytes over ``spec``'s float32 KV bytes per token
+    and layer. Each call reads the next of several caches (more than the last-level cache in total).
+    """
+    import torch
+
+    per_token = spec.kv_bytes_per_token("float32") / spec.num_layers
+    q = torch.empty((1, spec.num_heads, 1, spec.head_dim), device=device).uniform_(-1, 1)
+    seqs = sorted({max(1, round(b / per_token)) for b in kv_bytes})
+
+    def call(seq: int):
+        shape = (1, spec.num_kv_heads, seq, spec.head_dim)
+        caches = [tuple(torch.empty(shape, device=device).uniform_(-1, 1) for _ in "kv")
+                  for _ in range(copies_for(int(seq * per_token), working_set_bytes))]
+        mask = torch.ones((1, 1, 1, seq), dtype=torch.bool, device=device)
+        kvs = cycle(caches)
+
+        def one():
+            k, v = next(kvs)
+            return decode_attention(q, k, v, mask)
+
+        return one
+
+    fns = [call(seq) for seq in seqs]
+    labels = [f"decode attention, {seq} tokens of KV" for seq in seqs]
+    seconds = interleaved_seconds(fns, labels, reps, min_sample_s, device == "cuda", ticker)
+    points = [Point(x=seq * per_token, y=rate(seq * per_token, t)) for seq, t in zip(seqs, seconds)]
+    return Curve(x_name="kv_bytes", y_name="bandwidth_Bps", points=points)
+
+
+def memory_bandwidth(device: str, nbytes: int, reps: int, min_sample_s: float) -> tuple[Stat, str]:
+    """Read bandwidth of ``torch.sum`` over ``nbytes`` of float32; the note also gives the ``copy_`` rate."""
+    import torch
+
+    x = torch.empty(nbytes // 4, device=device).uniform_(-1, 1)
+    cuda = device == "cuda"
+    read = rate(nbytes, sample_seconds(lambda: x.sum(), reps, min_sample_s, cuda=cuda))
+    y = torch.empty_like(x)
+    y.copy_(x)  # first touch of y's pages outside the timing
+    copy = rate(2 * nbytes, sample_seconds(lambda: y.copy_(x), reps, min_sample_s, cuda=cuda))
+    note = (f"memory_bandwidth_Bps = read rate of torch.sum over {nbytes >> 20} MiB "
+            f"(copy_ moves {copy.median / 1e9:.1f} GB/s counting read + write)")
+    return read, note

@@ -1,0 +1,262 @@
+"""``specplan profile``: measure this machine into a ``HardwareProfile``.
+
+    profile = measure_profile(ProfileConfig.quick())
+
+Links (disk; on a GPU also host<->device copies) are in ``profile_links``, compute throughput in
+``profile_compute``, fixed costs in ``profile_overheads``, the timing primitives in ``profile_timing``. On a machine
+without a GPU the CPU is measured once and used for both ``device`` and ``host`` (``shared_memory=True``: one memory,
+zero-copy host->device, no h2d/d2h links).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from specplan.contracts.hardware import ComputeUnit, HardwareProfile, Provenance
+from specplan.engine import profile_compute as pc
+from specplan.engine import profile_links as pl
+from specplan.engine.profile_overheads import measure_overheads
+from specplan.engine.profile_timing import CpuUsage, Ticker
+from specplan.errors import SpecplanError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def _pow(lo: int, hi: int, step: int) -> tuple[int, ...]:
+    out, x = [], lo
+    while x <= hi:
+        out.append(x)
+        x *= step
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What to measure and how hard. ``quick()``, ``full()`` and ``tiny()`` (tests) are the presets."""
+
+    device: str = "cpu"
+    #: folder of the disk test (the engine's offload folder); None = ``specplan.catalog.user_dir() / "offload"``.
+    offload_dir: Path | None = None
+    link_sizes: tuple[int, ...] = _pow(64 * KiB, 256 * MiB, 4)
+    disk_file_bytes: int = 1 * GiB
+    reps: int = 5
+    min_sample_s: float = 0.02
+    matmul_shapes: tuple[tuple[int, int], ...] = ((576, 1536), (2048, 2048), (4096, 4096))
+    decode_rows: tuple[int, ...] = _pow(1, 512, 2)
+    prefill_rows: tuple[int, ...] = (1024, 2048)
+    attention_kv_bytes: tuple[int, ...] = _pow(64 * KiB, 64 * MiB, 4)
+    #: catalog model whose attention geometry (heads, KV heads, head dim) the decode-attention test uses.
+    attention_model: str = "llama-3.1-8b"
+    membw_bytes: int = 256 * MiB
+    #: total bytes of the rotated weight / KV copies; None = max(128 MiB, 4 x the last-level cache).
+    working_set_bytes: int | None = None
+    #: CPU threads torch computes with while measuring; None = torch's default (all cores).
+    threads: int | None = None
+    preset: str = "quick"
+    name: str | None = None
+    command: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def quick(cls, **kw) -> "ProfileConfig":
+        return cls(**kw)
+
+    @classmethod
+    def full(cls, **kw) -> "ProfileConfig":
+        base = dict(
+            link_sizes=_pow(64 * KiB, 256 * MiB, 2), disk_file_bytes=2 * GiB, reps=7, min_sample_s=0.04,
+            matmul_shapes=((576, 1536), (2048, 2048), (4096, 4096), (4096, 14336)), prefill_rows=(1024, 2048, 4096),
+            attention_kv_bytes=_pow(64 * KiB, 256 * MiB, 4), membw_bytes=512 * MiB, preset="full",
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> "ProfileConfig":
+        """A few seconds: for tests (every figure is measured, on fewer and smaller points)."""
+        base = dict(
+            link_sizes=_pow(64 * KiB, 4 * MiB, 4), disk_file_bytes=48 * MiB, reps=3, min_sample_s=0.005,
+            matmul_shapes=((576, 1536), (2048, 2048)), decode_rows=(1, 4, 16, 64, 256), prefill_rows=(),
+            attention_kv_bytes=(64 * KiB, 1 * MiB, 4 * MiB), membw_bytes=128 * MiB, working_set_bytes=64 * MiB,
+            preset="tiny",
+        )
+        return cls(**{**base, **kw})
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.decode_rows) | set(self.prefill_rows)))
+
+    def resolved(self) -> "ProfileConfig":
+        """Defaults filled in from this machine: the offload folder and the working set."""
+        from specplan.catalog import user_dir
+
+        llc = pc.last_level_cache_bytes() or 32 * MiB
+        return replace(
+            self,
+            offload_dir=Path(self.offload_dir or user_dir() / "offload").expanduser(),
+            working_set_bytes=self.working_set_bytes or max(128 * MiB, 4 * llc),
+        )
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; ``SpecplanError`` with what to do otherwise."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise SpecplanError(f"--device {device}: unknown device; use cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecplanError(
+            f"--device cuda: no CUDA device here (torch {torch.__version__}, "
+            f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu"
+        )
+    return device
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo, else ``platform``) and its logical core count."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _attention_spec(config: ProfileConfig):
+    from specplan.catalog import load_model_spec
+
+    return load_model_spec(config.attention_model)
+
+
+def _steps_compute(config: ProfileConfig, n_dtypes: int) -> int:
+    """Progress steps of ``measure_unit``: matmul points, attention points, memory bandwidth."""
+    c = config
+    return (pc.matmul_steps(n_dtypes * len(c.matmul_shapes), c.rows, c.reps)
+            + pc.attention_steps(len(c.attention_kv_bytes), c.reps) + 1)
+
+
+def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: str, memory_bytes: int,
+                 ticker: Ticker) -> tuple[ComputeUnit, list[str]]:
+    """Matmul curves, decode attention and memory bandwidth of one compute unit."""
+    import torch
+
+    c = config
+    matmul = pc.matmul_curves(c.matmul_shapes, c.rows, dtypes, device, c.reps, c.min_sample_s, c.working_set_bytes,
+                              ticker)
+    spec = _attention_spec(c)
+    attention = pc.attention_curve(spec, c.attention_kv_bytes, device, c.reps, c.min_sample_s, c.working_set_bytes,
+                                   ticker)
+    membw, note = pc.memory_bandwidth(device, c.membw_bytes, c.reps, c.min_sample_s)
+    ticker.tick(f"memory bandwidth ({device})")
+    unit = ComputeUnit(
+        kind="cuda" if device == "cuda" else "cpu", name=name, memory_bytes=memory_bytes, memory_bandwidth_Bps=membw,
+        matmul=matmul, decode_attention_Bps=attention, threads=None if device == "cuda" else torch.get_num_threads(),
+    )
+    notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
+                   f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), float32, one sequence "
+                   f"per call"]
+    return unit, notes
+
+
+def prepare(config: ProfileConfig) -> ProfileConfig:
+    """The config resolved for this machine, after checking the device and the offload folder (``SpecplanError``
+    with what to do if either is unusable). Nothing is measured yet."""
+    c = config.resolved()
+    check_device(c.device)
+    pl.prepare_offload_dir(c.offload_dir, pl.disk_bytes_needed(c.link_sizes, c.reps, c.disk_file_bytes))
+    return c
+
+
+def measure_profile(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None) -> HardwareProfile:
+    """Measure this machine. ``on_tick(label, done, total)`` is called after each step (for a progress bar)."""
+    import torch
+
+    c = prepare(config)
+    before = torch.get_num_threads()
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    try:
+        return _measure(c, on_tick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) -> HardwareProfile:
+    import torch
+
+    usage = CpuUsage()
+    now = dt.datetime.now(dt.timezone.utc)
+    cuda = c.device == "cuda"
+    notes = [f"preset {c.preset}: medians of {c.reps}+ samples, each >= {c.min_sample_s * 1e3:.0f} ms of calls",
+             f"matmul: F.linear over {len(c.matmul_shapes)} weight shapes, all points sampled round-robin; weight "
+             f"copies rotated over {c.working_set_bytes >> 20} MiB (> last-level cache) so small-m figures stream "
+             f"weights from memory"]
+    dtypes = {"device": pc.well_supported_dtypes(c.device, c.reps, c.min_sample_s)}
+    if cuda:
+        dtypes["host"] = pc.well_supported_dtypes("cpu", c.reps, c.min_sample_s)
+    notes += [f"{unit}: {note}" for unit, (_, note) in dtypes.items()]
+    total = (sum(_steps_compute(c, len(d)) for d, _ in dtypes.values()) + pl.disk_steps(c.link_sizes, c.reps)
+             + (pl.copy_steps(c.link_sizes) if cuda else 0) + 1)
+    ticker = Ticker(total, on_tick)
+
+    cpu = cpu_name()
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        device, dev_notes = measure_unit(c, "cuda", dtypes["device"][0], props.name, props.total_memory, ticker)
+        host, host_notes = measure_unit(c, "cpu", dtypes["host"][0], cpu, host_memory_bytes(), ticker)
+        notes += [f"device: {n}" for n in dev_notes] + [f"host: {n}" for n in host_notes]
+        links = pl.measure_copies(c.link_sizes, c.reps, c.min_sample_s, ticker)
+    else:
+        device, unit_notes = measure_unit(c, "cpu", dtypes["device"][0], cpu, host_memory_bytes(), ticker)
+        host = device
+        notes += unit_notes
+        notes.append("no GPU: the CPU was measured once and its figures serve as both device and host "
+                     "(shared memory: host->device is zero copy, so there are no h2d/d2h links)")
+        links = {}
+    overheads, oh_note = measure_overheads(c.device, c.reps, c.min_sample_s)
+    notes.append(oh_note)
+    ticker.tick("overheads")
+    disk_links, disk = pl.measure_disk(c.offload_dir, c.link_sizes, c.reps, c.disk_file_bytes, ticker)
+    links.update(disk_links)
+    if not disk.o_direct:
+        notes.append(f"O_DIRECT does not work in {disk.path} ({disk.filesystem}): offloaded weights are read buffered")
+    notes.append("links: latency_s = median time of a 4 KiB transfer; bandwidth_Bps = size / (time - latency), so "
+                 "Link.time_s(size) gives the measured median time at each measured size")
+    others = usage.others_fraction()
+    if others is not None:
+        notes.append(f"other processes used {others:.0%} of the CPUs during the measurement")
+
+    hostname = socket.gethostname()
+    name = c.name or f"{hostname}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    provenance = Provenance(
+        kind="measured", created_utc=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=c.command or f"measure_profile(ProfileConfig.{c.preset}(device={c.device!r}))",
+        torch_version=torch.__version__, hostname=hostname, device_name=device.name, cpu_name=cpu,
+        notes="; ".join(notes + list(c.notes)),
+    )
+    return HardwareProfile(name=name, provenance=provenance, device=device, host=host, shared_memory=not cuda,
+                           links=links, overheads=overheads, disk=disk)
+
+
+def command_line() -> str:
+    """How this process was started, for the provenance."""
+    return " ".join(["specplan" if Path(sys.argv[0]).name == "specplan" else sys.argv[0], *sys.argv[1:]])

@@ -1,0 +1,119 @@
+"""Running a plan: check the model and the memory budget, convert the offload file if needed, open the tiered store,
+run the executor, and collect the measured timeline, throughput and peak memory.
+
+``run_plan`` is the programmatic entry point (``specplan run`` and ``bench/bench_engine.py`` call it).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specplan.contracts.model import ModelSpec
+from specplan.contracts.plan import Plan
+from specplan.contracts.timeline import Timeline
+from specplan.engine.budget import available_memory_bytes, check_budget, required_bytes
+from specplan.engine.directio import align_up
+from specplan.engine.executor import Executor, RunStats, SeqState
+from specplan.engine.offload import ensure_offload, layout_of
+from specplan.engine.recorder import Recorder
+from specplan.engine.store import StoreLayout, layout_for, open_store
+from specplan.errors import SpecplanError
+
+#: ModelSpec fields that name or describe a checkpoint rather than its architecture.
+NOT_ARCHITECTURE = {"name", "dtype", "schema_version", "bos_token_id", "eos_token_id", "max_position_embeddings"}
+
+
+def check_same_architecture(plan_spec: ModelSpec, spec: ModelSpec, where: str) -> None:
+    """``SpecplanError`` naming the first field where the weights' architecture differs from the plan's."""
+    a, b = plan_spec.model_dump(), spec.model_dump()
+    for k in a:
+        if k not in NOT_ARCHITECTURE and a[k] != b.get(k):
+            raise SpecplanError(f"{where}: its config differs from the plan's model {plan_spec.name} ({k} is "
+                                f"{b.get(k)!r}, the plan has {a[k]!r}); pass --model DIR with the weights of "
+                                f"{plan_spec.name}, or plan for this model")
+
+
+def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
+    """float32 on a CPU (bf16 matmuls are several times slower there); the plan's weight dtype on a GPU."""
+    if device.type == "cpu":
+        return torch.float32
+    name = plan.policy.weight_dtype
+    if name not in ("float32", "bfloat16", "float16"):
+        raise SpecplanError(f"the engine computes in float32, bfloat16 or float16; the plan asks for weights in "
+                            f"{name}; re-plan with one of those")
+    return getattr(torch, name)
+
+
+@dataclass
+class RunOutput:
+    seqs: list[SeqState]
+    stats: RunStats
+    timeline: Timeline
+    need_bytes: dict[str, dict[str, int]]  # what the budget check counted, tier -> item
+    peak_bytes: dict[str, dict[str, int]]  # what the run allocated, tier -> item
+    max_rss_bytes: int  # the process's peak resident set (all tiers, activations, Python, torch)
+    wait_s: dict[str, float]  # compute blocked on prefetched units / on-demand expert reads
+    direct_io: bool | None  # O_DIRECT reads (None: nothing read from disk)
+    wall_s: float
+    layout: StoreLayout
+    dtype: str
+
+
+def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             device: torch.device | str = "cpu", dtype: torch.dtype | None = None, stop_at_eos: bool = False,
+             eos_ids: Sequence[int] = (), on_tokens: Callable[[int], None] | None = None,
+             on_convert: Callable[[int], None] | None = None) -> RunOutput:
+    """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``; greedy decoding."""
+    device = torch.device(device)
+    check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise SpecplanError("every prompt needs at least one token")
+    dtype = dtype or compute_dtype(plan, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    item = torch.empty((), dtype=dtype).element_size()
+    entries = layout_of(ckpt, dtype_name)
+    file_bytes = align_up(max(e.offset + e.nbytes for e in entries.values()))
+    layout = layout_for(plan, entries, file_bytes, device, item)
+    capacity = max(len(p) for p in prompts) + max_new_tokens
+    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype, dtype_name)
+    check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
+
+    reads = any(u.reads for u in (*layout.schedule, *layout.experts.values()))
+    offload = ensure_offload(ckpt, dtype_name, on_convert) if reads else None
+    recorder = Recorder()
+    store = open_store(plan, ckpt, layout, offload, recorder, dtype, device)
+    kv_devices = [device if lp.kv_cache == "device" else torch.device("cpu") for lp in plan.placement.layers]
+    ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens)
+    t0 = time.perf_counter()
+    try:
+        seqs = ex.run([list(p) for p in prompts])
+    finally:
+        wait = store.stats()
+        direct = store.file.direct if store.file is not None else None
+        store.close()
+    wall = time.perf_counter() - t0
+    peak = {"device": {"weights": layout.weight_bytes()["device"], "kv_cache": ex.stats.kv_peak_bytes["device"],
+                       "staging": layout.staging_bytes()},
+            "host": {"weights": layout.weight_bytes()["host"], "kv_cache": ex.stats.kv_peak_bytes["host"]}}
+    meta = _meta(plan, ex.stats, seqs, max_new_tokens, dtype_name, direct)
+    return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, _max_rss_bytes(), wait, direct, wall,
+                     layout, dtype_name)
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _meta(plan: Plan, stats: RunStats, seqs: list[SeqState], max_new_tokens: int, dtype: str,
+          direct: bool | None) -> dict[str, Any]:
+    lens = [len(s.prompt) for s in seqs]
+    return {"model": plan.model.name, "profile": plan.profile.name, "num_prompts": len(seqs),
+            "prompt_len_mean": sum(lens) / len(lens), "prompt_len_min": min(lens), "prompt_len_max": max(lens),
+            "gen_len": max_new_tokens, "generated_tokens": sum(len(s.generated) for s in seqs),
+            "compute_dtype": dtype, "o_direct": direct, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s}
