@@ -19,11 +19,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/specplan models
-	$(BIN)/specplan models mixtral-8x22b
+	$(BIN)/specplan demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) build *.egg-info

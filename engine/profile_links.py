@@ -137,6 +137,25 @@ def _read_link(f: directio.DirectFile, buf, cursor: _Cursor, order: list[int], d
     return _run_schedule(order, one, ticker, what)
 
 
+def measure_file_read(path: Path, sizes: tuple[int, ...], reps: int) -> Link | None:
+    """The O_DIRECT read link measured on an existing file (e.g. the engine's offload file: the real data, where it
+    really lies), sizes round-robin as in ``measure_disk``; None where O_DIRECT is not supported there."""
+    size = os.path.getsize(path)
+    sizes = tuple(s for s in sizes if directio.align_up(s) <= size)
+    if not sizes:
+        raise ValueError(f"{path}: {size} bytes is smaller than every transfer size asked for")
+    buf = directio.aligned_buffer(max(sizes) + directio.ALIGN)
+    try:
+        _prefault(buf)
+        with directio.open_direct(path) as f:
+            if not f.direct:
+                return None
+            return _read_link(f, buf, _Cursor(directio.align_down(size)), schedule(sizes, reps), None, Ticker(0),
+                              "O_DIRECT read")
+    finally:
+        buf.close()
+
+
 def _write_link(path: Path, buf, order: list[int], ticker: Ticker) -> Link:
     """``pwrite`` + ``fsync`` of each size at a fresh offset of a new file (``buf`` holds random file data)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

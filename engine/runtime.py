@@ -23,7 +23,7 @@ from specplan.engine.executor import Executor, RunStats, SeqState
 from specplan.engine.offload import ensure_offload, layout_of
 from specplan.engine.recorder import Recorder
 from specplan.engine.store import StoreLayout, layout_for, open_store
-from specplan.errors import SpecplanError
+from specplan.errors import InfeasibleError, SpecplanError
 
 #: ModelSpec fields that name or describe a checkpoint rather than its architecture.
 NOT_ARCHITECTURE = {"name", "dtype", "schema_version", "bos_token_id", "eos_token_id", "max_position_embeddings"}
@@ -37,6 +37,15 @@ def check_same_architecture(plan_spec: ModelSpec, spec: ModelSpec, where: str) -
             raise SpecplanError(f"{where}: its config differs from the plan's model {plan_spec.name} ({k} is "
                                 f"{b.get(k)!r}, the plan has {a[k]!r}); pass --model DIR with the weights of "
                                 f"{plan_spec.name}, or plan for this model")
+
+
+def refuse_speculative(plan: Plan) -> None:
+    """The engine decodes one token per pass; a speculative plan would run without its draft and be compared with a
+    prediction that assumed one, so it is refused."""
+    if plan.policy.speculative:
+        raise SpecplanError(f"the plan decodes speculatively (draft {plan.draft.name or plan.draft.kind}, draft length "
+                            f"{plan.policy.draft_len}), which the engine does not run yet; make a plan without a "
+                            f"draft: specplan search ... --draft none")
 
 
 def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
@@ -70,6 +79,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
              eos_ids: Sequence[int] = (), on_tokens: Callable[[int], None] | None = None,
              on_convert: Callable[[int], None] | None = None) -> RunOutput:
     """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``; greedy decoding."""
+    refuse_speculative(plan)
     device = torch.device(device)
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -82,7 +92,10 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     layout = layout_for(plan, entries, file_bytes, device, item)
     capacity = max(len(p) for p in prompts) + max_new_tokens
     need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype, dtype_name)
-    check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
+    try:
+        check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
+    except InfeasibleError as e:
+        raise InfeasibleError(str(e) + _longer_than_planned(plan, prompts, max_new_tokens)) from None
 
     reads = any(u.reads for u in (*layout.schedule, *layout.experts.values()))
     offload = ensure_offload(ckpt, dtype_name, on_convert) if reads else None
@@ -104,6 +117,15 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     meta = _meta(plan, ex.stats, seqs, max_new_tokens, dtype_name, direct)
     return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, _max_rss_bytes(), wait, direct, wall,
                      layout, dtype_name)
+
+
+def _longer_than_planned(plan: Plan, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> str:
+    """The reason a plan that fit at search time may not fit this run: longer prompts or more new tokens."""
+    longest, wl = max(len(p) for p in prompts), plan.workload
+    if longest + max_new_tokens <= wl.prompt_len + wl.gen_len:
+        return ""
+    return (f" (these prompts run to {longest} tokens plus {max_new_tokens} new ones; the plan was searched for "
+            f"{wl.prompt_len} plus {wl.gen_len}: search with --prompt-len {longest})")
 
 
 def _max_rss_bytes() -> int:

@@ -11,6 +11,7 @@ This is the only place the formulas live; search, prediction and simulator all c
 from __future__ import annotations
 
 from specplan.contracts.hardware import ComputeUnit, HardwareProfile
+from specplan.errors import ContractError
 from specplan.planner.ops import COMPUTE_RESOURCES, Op
 
 
@@ -63,7 +64,8 @@ def transfer_time_s(op: Op, profile: HardwareProfile) -> float:
     if op.resource == "disk_write":
         link = profile.link("disk_write")
         if link is None:
-            raise KeyError(f"profile '{profile.name}' has no disk write figures")
+            raise ContractError(f"profile '{profile.name}' has no disk write figures (link disk_write); measure one "
+                                f"with `specplan profile`, or add it to the file")
         return op.calls * link.time_s(size)
     raise ValueError(f"{op.resource} is not a transfer resource")
 

@@ -6,20 +6,37 @@ Rows are ``(coefficients {variable: a}, lower, upper)``; variables have bounds `
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any, Hashable
 
 
 _HIGHS = []
 
 
+def new_highs():
+    """A silent HiGHS instance. Its constructor prints a banner from C on file descriptor 1 (before any option can
+    say otherwise), which would land in the middle of our tables: standard output is pointed at /dev/null for it."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    h.setOptionValue("output_flag", False)
+    return h
+
+
 def _highs(fresh: bool = False):
     """A HiGHS instance: for LPs one per process, reused (creating one costs more than solving our small LPs);
     MILPs get a fresh one (a branch and bound leaves state behind that upsets later LPs on the same instance)."""
-    import highspy
-
     if fresh or not _HIGHS:
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = new_highs()
         h.setOptionValue("presolve", "off")
         if fresh:
             return h
@@ -75,8 +92,7 @@ def solve_highs(names: list[Hashable], cost: list[float], upper: list[float], in
 
     inf = highspy.kHighsInf
     index = {n: i for i, n in enumerate(names)}
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = new_highs()
     h.setOptionValue("presolve", "off" if not any(integer) else "choose")
     n = len(names)
     lp = highspy.HighsLp()

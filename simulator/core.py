@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.timeline import RESOURCES
-from specplan.errors import SpecplanError
+from specplan.errors import ContractError, SpecplanError
 from specplan.planner.cost import physical_resource
 from specplan.planner.ops import Op
 from specplan.planner.program import op_times
@@ -67,7 +67,7 @@ def make_template(ops: Sequence[Op], profile: HardwareProfile) -> Template:
     n = len(ops)
     try:
         happens_s = op_times(ops, profile, expected=False)
-    except KeyError as e:  # a rate the profile does not have (e.g. disk reads on a profile without disk figures)
+    except (KeyError, ContractError) as e:  # a rate the profile lacks (e.g. disk reads on a profile without disk figures)
         raise SimulationError(f"cannot cost the plan's ops on profile '{profile.name}': {e.args[0]}") from None
     dependents: list[list[int]] = [[] for _ in range(n)]
     slot_deps: list[list[int]] = [[] for _ in range(n)]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from runtime_fixtures import make_plan
 
 from specplan.cli import main
-from specplan.contracts.plan import Placement
+from specplan.contracts.plan import Placement, Plan
 from specplan.contracts.timeline import Timeline
 from specplan.engine.checkpoint import open_checkpoint
 from specplan.jsonio import load, write_json
@@ -99,3 +99,16 @@ def test_bad_inputs_give_one_line_and_exit_2(plan_file, model, tmp_path, tiny_mo
     _one_line_error(invoke(write_json(tmp_path / "small.json", small), "-o", tmp_path / "s"),
                     "on the device tier", "capacity")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_speculative_plan_is_refused_not_run_without_its_draft(model, tmp_path):
+    from specplan.contracts.plan import DraftSpec
+
+    folder, spec = model
+    data = make_plan(spec, Placement.uniform(spec, "device"), path=str(folder)).model_dump()
+    data["policy"].update(draft_len=4, acceptance=0.8)
+    data["draft"] = DraftSpec(kind="substitute", bits=4).model_dump()
+    plan = Plan.model_validate(data)
+    _one_line_error(invoke(write_json(tmp_path / "spec.json", plan), "-o", tmp_path / "r"),
+                    "decodes speculatively", "--draft none")
+    assert not (tmp_path / "r").exists()

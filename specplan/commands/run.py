@@ -41,7 +41,10 @@ def command(plan_file: str, model_dir: str | None, prompts_file: str | None, max
     from specplan.contracts.plan import Plan
     from specplan.jsonio import load
 
+    from specplan.engine.runtime import refuse_speculative
+
     plan = load(Plan, _existing_file(plan_file, "plan"))
+    refuse_speculative(plan)
     new_tokens = _positive(max_new_tokens, "--max-new-tokens") or plan.workload.gen_len
     n_prompts = _positive(num_prompts, "--num-prompts") or plan.workload.num_prompts
     texts = read_prompts(prompts_file)

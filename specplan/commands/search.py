@@ -7,19 +7,21 @@ import time
 
 import click
 
+from specplan.commands._params import GIB
+
 GiB = 2**30
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
 
 @click.command("search")
 @click.option("--model", required=True, help="Catalog name (see `specplan models`), config.json or HF model folder.")
-@click.option("--vram", type=click.FloatRange(min=0, min_open=True), required=True,
+@click.option("--vram", type=GIB, required=True,
               help="Device memory budget in GiB (2^30 bytes). Without a GPU: the RAM budget for resident weights, "
                    "KV cache and buffers; the rest streams from disk.")
-@click.option("--ram", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--ram", type=GIB, default=None,
               help="Host memory budget in GiB [default: the profile's host memory]. Without a GPU there is no separate "
                    "host tier: --vram is the budget.")
-@click.option("--disk", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--disk", type=GIB, default=None,
               help="Disk budget for offloaded weights in GiB [default: unlimited].")
 @click.option("--profile", "profile_arg", default=None,
               help="Hardware profile: bundled name or file [default: this machine's newest measured profile].")

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specplan.errors import ContractError
+
 SCHEMA_VERSION = 1
 
 #: the link names a profile may carry.
@@ -254,5 +256,6 @@ class HardwareProfile(_Strict):
             "disk_read_buffered" if direct else "disk_read_direct"
         )
         if link is None:
-            raise KeyError(f"profile '{self.name}' has no disk read figures")
+            raise ContractError(f"profile '{self.name}' has no disk read figures (links disk_read_direct or "
+                                f"disk_read_buffered); measure one with `specplan profile`, or add them to the file")
         return link.time_s(nbytes)
