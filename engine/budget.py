@@ -2,7 +2,8 @@
 allocated, and what it held (reported after the run).
 
 Per tier: resident weights at the compute dtype (from the checkpoint's shapes), the KV caches of one wave (every
-interleaved batch, ``decode_batch`` rows of ``capacity`` positions, per layer on its tier), the staging buffers
+interleaved batch, ``decode_batch`` rows of ``capacity`` positions, per layer on its tier), the draft model's
+weights and KV caches (on their plan tiers), the staging buffers
 (prefetch ring + routed-expert pool, on the device), and activations (the planner's estimate of one pass's working
 memory, ``planner.memory.activation_bytes`` — one formula for planner and engine).
 """
@@ -43,12 +44,24 @@ def activation_bytes(plan: Plan, dtype_name: str, prompt_len: int, capacity: int
     return int(max(prefill, decode))
 
 
+def draft_kv_bytes(plan: Plan, capacity: int, dtype: torch.dtype) -> int:
+    """The draft's KV caches of one wave (every interleaved batch), all layers."""
+    from specplan.engine.kvcache import KVCache
+
+    pol = plan.policy
+    return KVCache.bytes_for(plan.draft.spec, pol.decode_batch, capacity, dtype) * pol.num_batches
+
+
 def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: int, dtype: torch.dtype,
-                   dtype_name: str) -> dict[str, dict[str, int]]:
-    """tier -> item -> bytes the run will allocate."""
+                   dtype_name: str, draft_weight_bytes: int = 0) -> dict[str, dict[str, int]]:
+    """tier -> item -> bytes the run will allocate (``capacity``: KV positions per sequence, draft_len included)."""
     weights = layout.weight_bytes()
     kv = kv_bytes_by_tier(plan, capacity, dtype)
     need = {t: {"weights": weights[t], "kv_cache": kv[t]} for t in TIERS}
+    if plan.policy.speculative and plan.draft.kind == "model":
+        pl = plan.placement
+        need[pl.draft_weights]["draft_weights"] = draft_weight_bytes
+        need[pl.draft_kv]["draft_kv"] = draft_kv_bytes(plan, capacity, dtype)
     need["device"]["staging"] = layout.staging_bytes()
     need["device"]["activations"] = activation_bytes(plan, dtype_name, prompt_len, capacity)
     return need

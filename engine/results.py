@@ -21,16 +21,36 @@ def measured_workload(plan: Plan, out) -> Workload:
     return Workload(prompt_len=max(1, round(m["prompt_len_mean"])), gen_len=m["gen_len"], num_prompts=m["num_prompts"])
 
 
-def prediction_for(plan: Plan, out) -> tuple[Prediction | None, str]:
-    """The planner's numbers for the workload that ran: the plan's own when it matches, else recomputed."""
+def prediction_for(plan: Plan, out, acceptance: float | None = None) -> tuple[Prediction | None, str]:
+    """The planner's numbers for the workload that ran: the plan's own when it matches, else recomputed;
+    with ``acceptance``, recomputed at that draft acceptance (e.g. the measured one) instead of the plan's."""
     wl = measured_workload(plan, out)
-    if plan.prediction is not None and wl == plan.workload:
+    if plan.prediction is not None and wl == plan.workload and acceptance is None:
         return plan.prediction, "plan"
     try:
         from specplan.planner.predict import predict
     except ImportError:  # pragma: no cover - the planner ships with the package
         return plan.prediction, "plan (workload differs)"
-    return predict(plan.model_copy(update={"workload": wl, "prediction": None})), "planner (for the measured workload)"
+    update = {"workload": wl, "prediction": None}
+    if acceptance is not None:
+        update["policy"] = plan.policy.model_copy(update={"acceptance": acceptance})
+    return predict(plan.model_copy(update=update)), "planner (for the measured workload)"
+
+
+def acceptance_report(plan: Plan, out) -> dict[str, Any] | None:
+    """Speculative runs: the assumed and the measured per-token acceptance, and tokens per verification."""
+    if not plan.policy.speculative:
+        return None
+    from specplan.planner.expect import expected_tokens_per_seq
+
+    acc, g = out.stats.acceptance, plan.policy.draft_len
+    return {"assumed": plan.policy.acceptance, "measured": acc.per_token, "draft_len": g,
+            "proposed_tokens": acc.proposed, "accepted_tokens": acc.accepted, "sequence_rounds": acc.rounds,
+            "tokens_per_seq_round_measured": acc.tokens_per_round,
+            "tokens_per_seq_round_expected": expected_tokens_per_seq(plan.policy.acceptance, g),
+            "tokens_per_seq_round_expected_at_measured": (expected_tokens_per_seq(acc.per_token, g)
+                                                          if acc.per_token is not None else None),
+            "accepted_histogram": {str(n): c for n, c in sorted(acc.histogram.items())}}
 
 
 def busy_by_physical_resource(plan: Plan, timeline, start_s: float | None = None, end_s: float | None = None
@@ -123,4 +143,12 @@ def comparison(plan: Plan, out) -> dict[str, Any]:
         err["busy_s"] = {r: signed_error(pred.busy_s.get(r), meas["busy_s"].get(r))
                          for r in sorted(set(pred.busy_s) | set(meas["busy_s"]))}
         result["signed_error"] = err
+    acc = acceptance_report(plan, out)
+    if acc is not None:
+        result["acceptance"] = acc
+        if acc["measured"] is not None:
+            at, _ = prediction_for(plan, out, acc["measured"])
+            result["predicted_at_measured_acceptance"] = {k: getattr(at, k) for k in ("decode_tok_s", "e2e_tok_s")}
+            result["signed_error_at_measured_acceptance"] = {
+                k: signed_error(getattr(at, k), meas[k]) for k in ("decode_tok_s", "e2e_tok_s")}
     return result

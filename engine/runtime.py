@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from specplan.engine.directio import align_up
 from specplan.engine.executor import Executor, RunStats, SeqState
 from specplan.engine.offload import ensure_offload, layout_of
 from specplan.engine.recorder import Recorder
+from specplan.engine.speculative import DraftModel
 from specplan.engine.store import StoreLayout, layout_for, open_store
 from specplan.errors import InfeasibleError, SpecplanError
 
@@ -40,12 +42,37 @@ def check_same_architecture(plan_spec: ModelSpec, spec: ModelSpec, where: str) -
 
 
 def refuse_speculative(plan: Plan) -> None:
-    """The engine decodes one token per pass; a speculative plan would run without its draft and be compared with a
-    prediction that assumed one, so it is refused."""
-    if plan.policy.speculative:
-        raise SpecplanError(f"the plan decodes speculatively (draft {plan.draft.name or plan.draft.kind}, draft length "
-                            f"{plan.policy.draft_len}), which the engine does not run yet; make a plan without a "
-                            f"draft: specplan search ... --draft none")
+    """The engine runs draft models (resident: on the device, or in host memory on a CPU); a plan with a quantised
+    substitute draft, or with the draft streamed from disk, would run without what it assumes, so it is refused."""
+    if not plan.policy.speculative:
+        return
+    if plan.draft.kind == "substitute":
+        raise SpecplanError(f"the plan drafts with the quantised substitute {plan.draft.label}, which the engine "
+                            f"does not run yet (draft models it does); search with --draft none or --draft "
+                            f"<draft model folder>")
+    if "disk" in (plan.placement.draft_weights, plan.placement.draft_kv):
+        raise SpecplanError("the plan streams the draft from disk, which the engine does not do (it keeps the draft "
+                            "resident); search again with more --vram, or with --draft none")
+
+
+def open_draft_checkpoint(plan: Plan, folder: str | None):
+    """The checkpoint of the plan's draft model (``folder`` overrides the plan's draft path), checked against the
+    plan's draft spec; None for a plan without a draft. Opening reads only the index, not the weights."""
+    if not plan.policy.speculative:
+        return None
+    from specplan.engine.checkpoint import open_checkpoint
+
+    d = plan.draft
+    folder = folder or d.path
+    if folder is None:
+        raise SpecplanError(f"the plan's draft {d.name} has no weights here; pass --draft-model DIR with the weights "
+                            f"of {d.name}")
+    if not Path(folder).is_dir():
+        raise SpecplanError(f"the plan's draft folder {folder} does not exist here; pass --draft-model DIR with the "
+                            f"weights of {d.name}")
+    ckpt = open_checkpoint(folder)
+    check_same_architecture(d.spec, ckpt.spec, f"draft {folder}")
+    return ckpt
 
 
 def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
@@ -77,8 +104,9 @@ class RunOutput:
 def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None, stop_at_eos: bool = False,
              eos_ids: Sequence[int] = (), on_tokens: Callable[[int], None] | None = None,
-             on_convert: Callable[[int], None] | None = None) -> RunOutput:
-    """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``; greedy decoding."""
+             on_convert: Callable[[int], None] | None = None, draft_dir: str | None = None) -> RunOutput:
+    """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``; greedy decoding, speculative with
+    the plan's draft model (from ``draft_dir`` or the plan's draft path) when the plan says so."""
     refuse_speculative(plan)
     device = torch.device(device)
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
@@ -90,8 +118,10 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     entries = layout_of(ckpt, dtype_name)
     file_bytes = align_up(max(e.offset + e.nbytes for e in entries.values()))
     layout = layout_for(plan, entries, file_bytes, device, item)
-    capacity = max(len(p) for p in prompts) + max_new_tokens
-    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype, dtype_name)
+    capacity = max(len(p) for p in prompts) + max_new_tokens + plan.policy.draft_len
+    dckpt = open_draft_checkpoint(plan, draft_dir)
+    draft_bytes = sum(e.nbytes for e in layout_of(dckpt, dtype_name).values()) if dckpt is not None else 0
+    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype, dtype_name, draft_bytes)
     try:
         check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
     except InfeasibleError as e:
@@ -102,7 +132,15 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     recorder = Recorder()
     store = open_store(plan, ckpt, layout, offload, recorder, dtype, device)
     kv_devices = [device if lp.kv_cache == "device" else torch.device("cpu") for lp in plan.placement.layers]
-    ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens)
+    draft = None
+    if dckpt is not None:
+        from specplan.engine.model import MemorySource
+
+        on = {tier: device if tier == "device" else torch.device("cpu") for tier in ("device", "host")}
+        draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),
+                           recorder)
+    ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens, draft,
+                  on[plan.placement.draft_kv] if draft is not None else None)
     t0 = time.perf_counter()
     try:
         seqs = ex.run([list(p) for p in prompts])
@@ -114,6 +152,10 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     peak = {"device": {"weights": layout.weight_bytes()["device"], "kv_cache": ex.stats.kv_peak_bytes["device"],
                        "staging": layout.staging_bytes()},
             "host": {"weights": layout.weight_bytes()["host"], "kv_cache": ex.stats.kv_peak_bytes["host"]}}
+    if draft is not None:
+        for item, tier, nbytes in (("draft_weights", plan.placement.draft_weights, draft_bytes),
+                                   ("draft_kv", plan.placement.draft_kv, ex.stats.draft_kv_peak_bytes)):
+            peak[tier][item] = nbytes
     meta = _meta(plan, ex.stats, seqs, max_new_tokens, dtype_name, direct)
     return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, _max_rss_bytes(), wait, direct, wall,
                      layout, dtype_name)

@@ -21,7 +21,7 @@ import torch
 
 from specplan.contracts.plan import Plan
 from specplan.engine.offload import Entry, UnitKey, unit_of
-from specplan.engine.prefetch import ExpertReader, FetchUnit, Prefetcher, Staging, allocate_staging, make_unit
+from specplan.engine.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
 
 
 def tier_of(key: UnitKey, plan: Plan) -> str:

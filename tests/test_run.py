@@ -101,7 +101,7 @@ def test_bad_inputs_give_one_line_and_exit_2(plan_file, model, tmp_path, tiny_mo
     assert not (tmp_path / "s").exists()
 
 
-def test_a_speculative_plan_is_refused_not_run_without_its_draft(model, tmp_path):
+def test_a_substitute_draft_plan_is_refused_not_run_without_its_draft(model, tmp_path):
     from specplan.contracts.plan import DraftSpec
 
     folder, spec = model
@@ -110,5 +110,5 @@ def test_a_speculative_plan_is_refused_not_run_without_its_draft(model, tmp_path
     data["draft"] = DraftSpec(kind="substitute", bits=4).model_dump()
     plan = Plan.model_validate(data)
     _one_line_error(invoke(write_json(tmp_path / "spec.json", plan), "-o", tmp_path / "r"),
-                    "decodes speculatively", "--draft none")
+                    "quantised substitute", "--draft none")
     assert not (tmp_path / "r").exists()

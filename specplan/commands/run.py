@@ -17,6 +17,9 @@ from specplan.errors import SpecplanError
 @click.option("--model", "model_dir", metavar="DIR", default=None,
               help="HF model folder with the weights [default: the folder the plan was made for]; its config must "
                    "match the plan's model.")
+@click.option("--draft-model", "draft_dir", metavar="DIR", default=None,
+              help="HF folder with the draft model's weights [default: the folder the plan's draft was searched "
+                   "with]; its config must match the plan's draft.")
 @click.option("--prompts", "prompts_file", metavar="FILE", default=None,
               help="Prompts: one per line, or JSONL with a \"prompt\" key [default: the bundled English prompts].")
 @click.option("--max-new-tokens", metavar="N", default=None,
@@ -29,14 +32,16 @@ from specplan.errors import SpecplanError
                    "plan's workload assumes].")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default=None,
               help="Results folder [default: results/<plan name>-<UTC time>/].")
-def command(plan_file: str, model_dir: str | None, prompts_file: str | None, max_new_tokens: str | None,
+def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompts_file: str | None, max_new_tokens: str | None,
             num_prompts: str | None, stop_at_eos: bool, out_dir: str | None) -> None:
     """Run PLAN.json on its model: weights on device / host / disk as placed, disk tensors read with O_DIRECT and
-    prefetched, greedy decoding with the plan's batches.
+    prefetched, greedy decoding with the plan's batches; speculative with the plan's draft model (greedy
+    verification: the output is the target's own), two interleaved batches drafting in turn.
 
     Prints predicted vs measured throughput (decode-only and end-to-end), time to first token, busy time per
     resource and the signed error (predicted - measured) / measured. Writes result.json, outputs.jsonl (prompts and
-    generated text), timeline.json, trace.json (ui.perfetto.dev) and gantt.png to the results folder.
+    generated text), timeline.json, trace.json (ui.perfetto.dev) and gantt.png to the results folder, and for a
+    speculative plan calibration.json (the measured acceptance, for specplan search --calibration).
     """
     from specplan.contracts.plan import Plan
     from specplan.jsonio import load
@@ -53,7 +58,7 @@ def command(plan_file: str, model_dir: str | None, prompts_file: str | None, max
         raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
     ckpt = open_model(plan, model_dir)
     _run(plan, ckpt, [texts[i % len(texts)] for i in range(n_prompts)], min(len(texts), n_prompts), new_tokens,
-         stop_at_eos, out)
+         stop_at_eos, out, draft_dir)
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -127,7 +132,8 @@ def open_model(plan, model_dir: str | None):
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 
-def _run(plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path) -> None:
+def _run(plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,
+         draft_dir: str | None = None) -> None:
     from tqdm import tqdm
 
     from specplan.engine.results import comparison
@@ -146,7 +152,7 @@ def _run(plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_e
             conv.update(n)
 
         result = run_plan(plan, ckpt, prompts, new_tokens, stop_at_eos=stop_at_eos, eos_ids=eos,
-                          on_tokens=bar.update, on_convert=on_convert)
+                          on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir)
     report = comparison(plan, result)
     report["prompts_distinct"] = distinct
     report["stop"] = "at EOS or max_new_tokens" if stop_at_eos else "max_new_tokens (EOS ignored)"
@@ -172,13 +178,28 @@ def _write(out: Path, plan, result, report: dict, texts: list[str], tok) -> list
     pol = plan.policy
     title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {report['workload']['gen_len']} tokens, "
              f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}")
-    return [
+    written = []
+    acc = report.get("acceptance")
+    if acc is not None and acc["measured"] is not None:
+        written.append(write_json(out / "calibration.json", calibration_of(plan, acc, out)))
+    return written + [
         write_json(out / "result.json", report),
         write_atomic(out / "outputs.jsonl", "\n".join(rows) + "\n"),
         write_timeline(result.timeline, out / "timeline.json"),
         write_chrome_trace(result.timeline, out / "trace.json"),
         write_gantt_png(result.timeline, out / "gantt.png", title=title),
     ]
+
+
+def calibration_of(plan, acc: dict, out: Path):
+    """The measured acceptance as a calibration file that ``specplan search --calibration`` reads."""
+    from specplan.contracts.calibration import AcceptanceRecord, Calibration
+
+    rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, acceptance=acc["measured"],
+                           proposed_tokens=acc["proposed_tokens"], accepted_tokens=acc["accepted_tokens"],
+                           source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
+                                  f"{acc['draft_len']} proposals, greedy verification")
+    return Calibration(created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), acceptance=[rec])
 
 
 def _print(plan, r: dict, written: list[Path]) -> None:
@@ -222,6 +243,19 @@ def _print(plan, r: dict, written: list[Path]) -> None:
         u.add_row(res, human_seconds(pb[res]) if res in pb else "-", human_seconds(m["busy_s"].get(res, 0.0)),
                   f"{e:+.1%}" if e is not None else "-", f"{frac:.0%}" if frac is not None else "-")
     out.print(u)
+    acc = r.get("acceptance")
+    if acc is not None:
+        measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
+        line = (f"draft acceptance per token: assumed {acc['assumed']:.3f}, measured {measured} over "
+                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals; tokens per sequence and "
+                f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
+                f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
+        at = r.get("predicted_at_measured_acceptance")
+        if at is not None:
+            e = r["signed_error_at_measured_acceptance"]["decode_tok_s"]
+            line += (f", {acc['tokens_per_seq_round_expected_at_measured']:.2f} at the measured one; predicted at "
+                     f"the measured acceptance: {at['decode_tok_s']:.2f} tok/s decode-only ({e:+.1%})")
+        out.print(line)
     caps = r["capacity_bytes"]
     out.print("peak resident bytes (allocated): " + "; ".join(
         f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
