@@ -17,8 +17,9 @@ import click
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draws: accepted drafts per sequence and round, routed experts per pass.")
 @click.option("--expected", is_flag=True,
-              help="No draws: every sequence commits the expected tokens per round and every expert op runs for its "
-                   "expected time (the steady state the planner's round model describes).")
+              help="No draws: every sequence commits the expected tokens per round (so a batch ends after gen_len / "
+                   "E[tokens] rounds, not when its slowest sequence does) and every expert op runs for its expected "
+                   "time: the steady state of the planner's round model.")
 @click.option("--kv-step", type=click.IntRange(min=1), default=None,
               help="KV-length step at which passes are re-costed as the cache grows [default: gen_len / 16; 1 is "
                    "exact].")
