@@ -46,6 +46,8 @@ class ProfileConfig:
     offload_dir: Path | None = None
     link_sizes: tuple[int, ...] = _pow(64 * KiB, 256 * MiB, 4)
     disk_file_bytes: int = 1 * GiB
+    #: seconds of back-to-back O_DIRECT reads for the sustained disk bandwidth (0: not measured)
+    disk_stream_s: float = 3.0
     reps: int = 5
     min_sample_s: float = 0.02
     matmul_shapes: tuple[tuple[int, int], ...] = ((576, 1536), (2048, 2048), (4096, 4096))
@@ -71,7 +73,8 @@ class ProfileConfig:
     @classmethod
     def full(cls, **kw) -> "ProfileConfig":
         base = dict(
-            link_sizes=_pow(64 * KiB, 256 * MiB, 2), disk_file_bytes=2 * GiB, reps=7, min_sample_s=0.04,
+            link_sizes=_pow(64 * KiB, 256 * MiB, 2), disk_file_bytes=2 * GiB, disk_stream_s=6.0, reps=7,
+            min_sample_s=0.04,
             matmul_shapes=((576, 1536), (2048, 2048), (4096, 4096), (4096, 14336)), prefill_rows=(1024, 2048, 4096),
             attention_kv_bytes=_pow(64 * KiB, 256 * MiB, 4), membw_bytes=512 * MiB, preset="full",
         )
@@ -81,7 +84,8 @@ class ProfileConfig:
     def tiny(cls, **kw) -> "ProfileConfig":
         """A few seconds: for tests (every figure is measured, on fewer and smaller points)."""
         base = dict(
-            link_sizes=_pow(64 * KiB, 4 * MiB, 4), disk_file_bytes=48 * MiB, reps=3, min_sample_s=0.005,
+            link_sizes=_pow(64 * KiB, 4 * MiB, 4), disk_file_bytes=48 * MiB, disk_stream_s=0.2, reps=3,
+            min_sample_s=0.005,
             matmul_shapes=((576, 1536), (2048, 2048)), decode_rows=(1, 4, 16, 64, 256), prefill_rows=(),
             attention_kv_bytes=(64 * KiB, 1 * MiB, 4 * MiB), membw_bytes=128 * MiB, working_set_bytes=64 * MiB,
             preset="tiny",
@@ -214,7 +218,7 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
     if cuda:
         dtypes["host"] = pc.well_supported_dtypes("cpu", c.reps, c.min_sample_s)
     notes += [f"{unit}: {note}" for unit, (_, note) in dtypes.items()]
-    total = (sum(_steps_compute(c, len(d)) for d, _ in dtypes.values()) + pl.disk_steps(c.link_sizes, c.reps)
+    total = (sum(_steps_compute(c, len(d)) for d, _ in dtypes.values()) + pl.disk_steps(c.link_sizes, c.reps, c.disk_stream_s)
              + (pl.copy_steps(c.link_sizes) if cuda else 0) + 1)
     ticker = Ticker(total, on_tick)
 
@@ -235,12 +239,15 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
     overheads, oh_note = measure_overheads(c.device, c.reps, c.min_sample_s)
     notes.append(oh_note)
     ticker.tick("overheads")
-    disk_links, disk = pl.measure_disk(c.offload_dir, c.link_sizes, c.reps, c.disk_file_bytes, ticker)
+    disk_links, disk = pl.measure_disk(c.offload_dir, c.link_sizes, c.reps, c.disk_file_bytes, ticker,
+                                       c.disk_stream_s)
     links.update(disk_links)
     if not disk.o_direct:
         notes.append(f"O_DIRECT does not work in {disk.path} ({disk.filesystem}): offloaded weights are read buffered")
     notes.append("links: latency_s = median time of a 4 KiB transfer; bandwidth_Bps = size / (time - latency), so "
-                 "Link.time_s(size) gives the measured median time at each measured size")
+                 "Link.time_s(size) gives the measured median time at each measured size; disk_read_direct."
+                 f"sustained_Bps = {c.disk_stream_s:g} s of back-to-back reads of the largest size (after its first "
+                 "third), a floor under the time of every transfer of a stream")
     others = usage.others_fraction()
     if others is not None:
         notes.append(f"other processes used {others:.0%} of the CPUs during the measurement")

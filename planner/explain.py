@@ -44,7 +44,12 @@ def faster(profile: HardwareProfile, resource: str, factor: float = 2.0) -> Hard
     for name in LINKS_OF.get(resource, ()):
         if name in links:
             link: Link = links[name]
-            links[name] = link.model_copy(update={"bandwidth_Bps": _scaled_curve(link.bandwidth_Bps, factor)})
+            sustained = link.sustained_Bps
+            if sustained is not None:
+                sustained = Stat(min=sustained.min * factor, median=sustained.median * factor,
+                                 max=sustained.max * factor)
+            links[name] = link.model_copy(update={"bandwidth_Bps": _scaled_curve(link.bandwidth_Bps, factor),
+                                                  "sustained_Bps": sustained})
     return profile.model_copy(update={"links": links})
 
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from specplan.catalog import load_profile, user_profiles_dir
 from specplan.cli import main
 from specplan.contracts import HardwareProfile, Stat
+from specplan.contracts.hardware import Curve, Link, Point
 from specplan.engine import profile_links as pl
 from specplan.engine.profile_compute import decode_attention
 from specplan.engine.profile_timing import CpuUsage, Ticker, interleaved_seconds
@@ -96,6 +97,8 @@ def test_figures_are_plausible_for_this_kind_of_machine(profile):
         assert 1e-6 <= link.latency_s <= 0.1, (name, link.latency_s)
     if profile.disk.o_direct:
         assert 0.1 * GB <= top / profile.disk_read_time_s(top) <= 20 * GB
+        s = profile.link("disk_read_direct").sustained_Bps
+        assert s is not None and 0.05 * GB <= s.min <= s.median <= s.max <= 20 * GB, s
     o = profile.overheads
     for name in ("per_op_s", "per_layer_s", "per_step_s", "thread_handoff_s"):
         assert 1e-7 <= getattr(o, name) <= 1e-2, name
@@ -189,6 +192,17 @@ def test_link_time_reproduces_the_measured_medians():
     # a small transfer measured faster than the latency probe (noise) keeps a positive, bounded bandwidth
     noisy = pl.make_link({64 << 10: Stat.of(90e-6)}, latency)
     assert 0 < noisy.time_s(64 << 10) <= 4 * 90e-6 + latency.median
+
+
+def test_sustained_bandwidth_is_a_floor_under_every_transfer_time():
+    curve = Curve(x_name="transfer_bytes", y_name="bandwidth_Bps",
+                  points=[Point(x=1 << 16, y=Stat.of(1e9)), Point(x=1 << 26, y=Stat.of(2.7e9))])
+    burst = Link(bandwidth_Bps=curve, latency_s=1e-4)
+    stream = burst.model_copy(update={"sustained_Bps": Stat(min=1.0e9, median=1.5e9, max=1.6e9)})
+    big, small = 1 << 26, 1 << 16
+    assert stream.time_s(big) == pytest.approx(big / 1.5e9) and big / 1.5e9 > burst.time_s(big)  # the stream binds
+    assert stream.time_s(small) == burst.time_s(small)  # latency-bound transfers are as measured
+    assert stream.time_s(0) == 0.0
 
 
 def test_disk_schedule_is_round_robin_with_enough_samples():

@@ -142,8 +142,11 @@ def _print_summary(p) -> None:
     for name in ("disk_read_direct", "disk_read_buffered", "disk_write", "h2d_pinned"):
         link = p.link(name)
         if link is not None:
-            con.print(f"{name}: {human_rate((64 << 20) / link.time_s(64 << 20), 'B/s')} at 64 MiB, "
-                      f"latency {human_seconds(link.latency_s)}")
+            sustained = ("" if link.sustained_Bps is None else
+                         f", sustained {human_rate(link.sustained_Bps.median, 'B/s')} (a stream of "
+                         f"{human_rate(link.sustained_Bps.min, 'B/s')}..{human_rate(link.sustained_Bps.max, 'B/s')})")
+            con.print(f"{name}: {human_rate((64 << 20) / link.time_s(64 << 20), 'B/s')} at 64 MiB in a stream, "
+                      f"latency {human_seconds(link.latency_s)}{sustained}")
 
 
 def print_profile(p) -> None:
@@ -193,11 +196,13 @@ def print_profile(p) -> None:
     for s in SHOW_SIZES:
         t.add_column(human_bytes(s), justify="right")
     t.add_column("measured sizes", justify="right")
+    t.add_column("sustained", justify="right")
     for name, link in p.links.items():
         pts = link.bandwidth_Bps.points
         span = f"{human_bytes(pts[0].x)}..{human_bytes(pts[-1].x)}" if len(pts) > 1 else "one figure"
+        sustained = "-" if link.sustained_Bps is None else human_rate(link.sustained_Bps.median, "B/s")
         t.add_row(name, human_seconds(link.latency_s), *(human_rate(s / link.time_s(s), "B/s") for s in SHOW_SIZES),
-                  span)
+                  span, sustained)
     con.print(t)
 
     t = Table(title="fixed overheads")

@@ -113,15 +113,22 @@ class Link(_Strict):
     latency_s: float = Field(ge=0)
     #: measured profiles: the samples behind ``latency_s`` (its min / median / max).
     latency_samples_s: Stat | None = None
+    #: measured disk reads: the bandwidth of a stream of back-to-back transfers lasting seconds, after its first
+    #: third (a VM's disk may throttle a stream after a burst); no transfer in a stream goes faster than this.
+    sustained_Bps: Stat | None = None
 
     def bandwidth_at(self, nbytes: float) -> float:
         return self.bandwidth_Bps.at(nbytes)
 
     def time_s(self, nbytes: float) -> float:
-        """Seconds to move ``nbytes`` in one transfer (0 bytes cost nothing)."""
+        """Seconds to move ``nbytes`` in one transfer of a stream (0 bytes cost nothing): the measured time at that
+        size, and never less than ``nbytes / sustained_Bps`` where the link has a sustained figure."""
         if nbytes <= 0:
             return 0.0
-        return self.latency_s + nbytes / self.bandwidth_at(nbytes)
+        t = self.latency_s + nbytes / self.bandwidth_at(nbytes)
+        if self.sustained_Bps is not None:
+            t = max(t, nbytes / self.sustained_Bps.median)
+        return t
 
 
 class MatmulCurve(_Strict):
