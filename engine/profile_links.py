@@ -156,6 +156,20 @@ def measure_file_read(path: Path, sizes: tuple[int, ...], reps: int) -> Link | N
         buf.close()
 
 
+def measure_file_stream(path: Path, size: int, seconds: float) -> Stat | None:
+    """``sustained_read`` on an existing file (e.g. the engine's offload file); None where O_DIRECT does not work."""
+    size = min(size, directio.align_down(os.path.getsize(path)))
+    buf = directio.aligned_buffer(size + directio.ALIGN)
+    try:
+        _prefault(buf)
+        with directio.open_direct(path) as f:
+            if not f.direct:
+                return None
+            return sustained_read(f, buf, _Cursor(directio.align_down(f.size)), size, seconds)
+    finally:
+        buf.close()
+
+
 def _write_link(path: Path, buf, order: list[int], ticker: Ticker) -> Link:
     """``pwrite`` + ``fsync`` of each size at a fresh offset of a new file (``buf`` holds random file data)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
