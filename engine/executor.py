@@ -180,7 +180,7 @@ class Executor:
                     self._take(seq, t)
                     committed += 1
 
-        speculative_step(self.draft, batch.draft, batch.kv, [s.generated[-1] for s in batch.seqs], proposals,
+        speculative_step(batch.draft, batch.kv, [s.generated[-1] for s in batch.seqs], proposals,
                          lambda tokens, num_new: self._pass(batch.id, batch.kv, tokens, num_new, False), commit,
                          self.stats.acceptance)
         self.stats.acceptance.committed += committed

@@ -138,7 +138,7 @@ def rollback(target_kv: KVCache, state: DraftState, before: Sequence[int], accep
     state.pending = [[d[-1], t[-1]] if n == g else [t[n]] for n, d, t in zip(accepted, proposals, targets)]
 
 
-def speculative_step(draft: DraftModel, state: DraftState, target_kv: KVCache, last: Sequence[int],
+def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
                      proposals: Sequence[Sequence[int]], target_pass: Callable[[torch.Tensor, torch.Tensor],
                                                                                torch.Tensor],
                      commit: Callable[[int, list[int]], None], stats: Acceptance) -> None:
