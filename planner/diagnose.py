@@ -45,7 +45,11 @@ def smallest_plan(ask, draft) -> Plan:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """GiB, the unit of --vram; small amounts in MiB or KiB so that no figure reads 0.00."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= 0.1 * scale or unit == "KiB":
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def shortfall(plan: Plan, slots: int) -> list[str]:

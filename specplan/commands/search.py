@@ -53,15 +53,39 @@ def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration
     costs the simulator uses. Prints the best plans (end-to-end throughput includes prefill; decode-only does
     not) and writes the best with -o.
     """
+    from specplan.jsonio import write_json
+    from specplan.planner.search import search
+
+    t0 = time.perf_counter()
+    ask = make_ask(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration, prompt_len, gen_len,
+                   num_prompts, top, _command_line())
+    result = search(ask)
+    elapsed = time.perf_counter() - t0
+    _print(ask, result, elapsed)
+    best = result.plans[0]
+    if explain:
+        from specplan.planner.explain import explain as why
+
+        click.echo("\nWhy this plan:")
+        for line in why(ask, best):
+            click.echo(f"  - {line}")
+    if output:
+        write_json(output, best)
+        click.echo(f"wrote {output}")
+
+
+def make_ask(model: str, vram: float, ram: float | None, disk: float | None, profile_arg: str | None,
+             drafts: tuple[str, ...], acceptance: float | None, calibration: str | None, prompt_len: int,
+             gen_len: int, num_prompts: int, top: int, command: str | None = None):
+    """The planner's ``Ask`` from the options of ``specplan search`` (``specplan validate`` takes the same)."""
     from specplan.catalog import load_model_spec, load_profile, model_config_path
     from specplan.contracts.calibration import Calibration
     from specplan.contracts.plan import Capacities, Workload
     from specplan.errors import SpecplanError
-    from specplan.jsonio import load, write_json
+    from specplan.jsonio import load
     from specplan.planner.drafts import choices
-    from specplan.planner.search import Ask, search
+    from specplan.planner.search import Ask
 
-    t0 = time.perf_counter()
     spec = load_model_spec(model)
     profile = load_profile(profile_arg)
     cfg = model_config_path(model)
@@ -77,21 +101,8 @@ def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration
     calib = load(Calibration, calibration) if calibration else None
     draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib)
     workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts)
-    ask = Ask(spec=spec, model_name=spec.name, profile=profile, capacities=caps, workload=workload,
-              drafts=tuple(draft_choices), top=top, model_path=local, command=_command_line())
-    result = search(ask)
-    elapsed = time.perf_counter() - t0
-    _print(ask, result, elapsed)
-    best = result.plans[0]
-    if explain:
-        from specplan.planner.explain import explain as why
-
-        click.echo("\nWhy this plan:")
-        for line in why(ask, best):
-            click.echo(f"  - {line}")
-    if output:
-        write_json(output, best)
-        click.echo(f"wrote {output}")
+    return Ask(spec=spec, model_name=spec.name, profile=profile, capacities=caps, workload=workload,
+               drafts=tuple(draft_choices), top=top, model_path=local, command=command)
 
 
 def _command_line() -> str:

@@ -1,0 +1,54 @@
+"""``specplan validate`` on tiny models: one row per plan of the grid (every run really made), the summary's
+statistics recomputed from the rows, and bad input answered with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from runtime_fixtures import cpu_profile
+from scipy.stats import spearmanr
+
+from specplan.cli import main
+from specplan.engine.build import upcycle_to_mixtral
+from specplan.jsonio import write_json
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_model, tmp_path_factory):
+    dense = tiny_model("llama")
+    moe = upcycle_to_mixtral(dense, tmp_path_factory.mktemp("vmoe") / "moe", num_experts=4, top_k=2, noise=0.3, seed=3)
+    return moe, dense
+
+
+def test_validate_runs_the_grid_and_summarises(folders, tmp_path):
+    moe, dense = folders
+    profile = write_json(tmp_path / "cpu.json", cpu_profile())
+    out = tmp_path / "val"
+    r = CliRunner().invoke(main, ["validate", "--model", str(moe), "--vram", "0.01", "--profile", str(profile),
+                                  "--draft", "none", "--draft", str(dense), "--acceptance", "0.6",
+                                  "--num-prompts", "3", "--gen-len", "5", "--plans", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = pd.read_csv(out / "validate.csv")
+    assert 2 <= len(rows) <= 4 and rows.chosen.tolist() == [True] + [False] * (len(rows) - 1)
+    assert {"none", dense.name} <= set(rows.draft)  # a grid of families, with and without the draft
+    assert (rows.measured_decode_tok_s > 0).all() and (rows.predicted_decode_tok_s > 0).all()
+    err = (rows.predicted_decode_tok_s - rows.measured_decode_tok_s) / rows.measured_decode_tok_s
+    assert err.tolist() == pytest.approx(rows.signed_error_predicted.tolist())
+    s = json.loads((out / "summary.json").read_text())
+    assert s["plans"] == len(rows)
+    assert s["regret"] == pytest.approx(rows.measured_decode_tok_s.max() / rows.measured_decode_tok_s[0])
+    assert s["decode_error_predicted"]["worst"] == pytest.approx(err[err.abs().idxmax()])
+    if len(rows) > 2 and s["spearman_predicted_vs_measured"] is not None:
+        rho = spearmanr(rows.predicted_decode_tok_s, rows.measured_decode_tok_s).statistic
+        assert s["spearman_predicted_vs_measured"] == pytest.approx(rho)
+    for i in range(len(rows)):
+        assert (out / f"plan{i}.json").is_file()
+    assert "regret of the planner's choice" in r.output and "rank correlation" in r.output
+
+
+def test_validate_needs_weights(tmp_path):
+    r = CliRunner().invoke(main, ["validate", "--model", "mixtral-8x7b", "--vram", "24", "--profile", "t4"])
+    assert r.exit_code == 2 and r.output.startswith("Error:") and "needs an HF model folder" in r.output, r.output
