@@ -38,7 +38,7 @@ STREAM_S = 1.5  # seconds of back-to-back 64 MiB reads of the offload file befor
 def decode_bound_tok_s(plan, result) -> tuple[float, str]:
     """Decode tokens per second if the busiest resource were busy all the time: the tokens of one steady-state round
     over the largest per-resource busy time of that round, as the planner costs it from the plan's profile."""
-    from specplan.engine.results import prediction_for
+    from specplan.engine.execute.results import prediction_for
 
     pred, _ = prediction_for(plan, result)
     resource = max(pred.round_busy_s, key=pred.round_busy_s.get)
@@ -49,7 +49,7 @@ def disk_now(profile, path):
     """``profile`` with its O_DIRECT read link measured again now on the engine's own offload file ``path`` (real
     data: 4 KiB / 8 MiB / 64 MiB reads round-robin, then a stream of 64 MiB reads for the sustained figure): a VM's
     disk changes speed from minute to minute, so the bound of a run is costed with the disk as it was around it."""
-    from specplan.engine.profile_links import measure_file_read, measure_file_stream
+    from specplan.engine.measure.links import measure_file_read, measure_file_stream
 
     link = measure_file_read(path, (8 * MiB, 64 * MiB), 4)
     link = link.model_copy(update={"sustained_Bps": measure_file_stream(path, 64 * MiB, STREAM_S)})
@@ -77,11 +77,11 @@ def main() -> None:
     from specplan.commands.demo import CALIBRATION_PROMPTS
     from specplan.commands.run import read_prompts
     from specplan.contracts.plan import Capacities, Workload
-    from specplan.engine.build import build_demo
-    from specplan.engine.checkpoint import open_checkpoint
-    from specplan.engine.offload import ensure_offload
-    from specplan.engine.results import comparison, decode_busy_fraction, prediction_for
-    from specplan.engine.runtime import run_plan
+    from specplan.engine.build.models import build_demo
+    from specplan.engine.model.checkpoint import open_checkpoint
+    from specplan.engine.io.offload import ensure_offload
+    from specplan.engine.execute.results import comparison, decode_busy_fraction, prediction_for
+    from specplan.engine.execute.runtime import run_plan
     from specplan.planner.drafts import choices
     from specplan.planner.search import Ask, search
 
@@ -192,7 +192,7 @@ def speedups(runs: dict[str, list[dict]]) -> None:
 
 def simulated_decode_tok_s(plan, out) -> float:
     """The simulator's decode throughput for the plan on the workload that ran (seed 0 draws)."""
-    from specplan.engine.results import measured_workload
+    from specplan.engine.execute.results import measured_workload
     from specplan.simulator import simulate
 
     wl = measured_workload(plan, out)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from specplan.catalog import load_profile
-from specplan.engine import directio
-from specplan.engine import profile_compute as pc
-from specplan.engine import profile_links as pl
-from specplan.engine.profile_links import write_random_file
-from specplan.engine.profile_timing import Ticker
+from specplan.engine.io import directio
+from specplan.engine.measure import compute as pc
+from specplan.engine.measure import links as pl
+from specplan.engine.measure.links import write_random_file
+from specplan.engine.measure.timing import Ticker
 from specplan.jsonio import write_json
 
 MiB = 1 << 20
@@ -114,7 +114,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.measure:
-        from specplan.engine.profiler import ProfileConfig, measure_profile
+        from specplan.engine.measure.profiler import ProfileConfig, measure_profile
 
         t0 = time.perf_counter()
         prof = measure_profile(ProfileConfig.quick(command="bench/profile_check.py --measure"))

@@ -31,7 +31,7 @@ def _quiet_transformers() -> None:
 def tiny_model(tmp_path_factory):
     """Factory: ``tiny_model(family, layout="per_expert", dtype=torch.float32, seed=0, max_shard_size=None,
     **config_overrides) -> Path``; each distinct request is built once per test session."""
-    from specplan.engine.build import build_tiny
+    from specplan.engine.build.models import build_tiny
 
     _quiet_transformers()
     root = tmp_path_factory.mktemp("tiny_models")

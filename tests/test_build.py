@@ -9,12 +9,12 @@ import torch
 from engine_fixtures import hf_logits
 from safetensors import safe_open
 
-from specplan.engine import build
-from specplan.engine.build import (TINY_BOS, TINY_EOS, _atomic_folder, build_demo, build_tiny, demo_paths,
+from specplan.engine.build import models as build
+from specplan.engine.build.models import (TINY_BOS, TINY_EOS, _atomic_folder, build_demo, build_tiny, demo_paths,
                                    smollm2_gguf, tiny_tokenizer, upcycle_to_mixtral)
-from specplan.engine.checkpoint import open_checkpoint
-from specplan.engine.kvcache import KVCache
-from specplan.engine.model import MemorySource, forward
+from specplan.engine.model.checkpoint import open_checkpoint
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.model.forward import MemorySource, forward
 from specplan.errors import SpecplanError
 
 
@@ -158,8 +158,8 @@ def test_missing_gguf_package_is_a_clear_error(monkeypatch):
 def test_real_smollm2_draft_and_upcycle(tmp_path):
     """The real weights: GGUF -> Llama folder (engine == transformers, real text), then a 2-expert upcycle
     (engine == transformers' MixtralForCausalLM). The full default demo is the same code with more experts."""
-    from specplan.engine.build import write_draft_from_gguf
-    from specplan.engine.model import generate
+    from specplan.engine.build.models import write_draft_from_gguf
+    from specplan.engine.model.forward import generate
 
     draft = write_draft_from_gguf(tmp_path / "draft")
     ckpt = open_checkpoint(draft)

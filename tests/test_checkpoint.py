@@ -11,9 +11,9 @@ import torch
 from engine_fixtures import ALL_FAMILIES, MOE_FAMILIES, hf_logits
 from safetensors.torch import load_file, save_file
 
-from specplan.engine.checkpoint import open_checkpoint, read_tensor, tensor_group
-from specplan.engine.kvcache import KVCache
-from specplan.engine.model import MemorySource, forward
+from specplan.engine.model.checkpoint import open_checkpoint, read_tensor, tensor_group
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.model.forward import MemorySource, forward
 from specplan.errors import SpecplanError
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from specplan.engine import directio
+from specplan.engine.io import directio
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 from engine_fixtures import ALL_FAMILIES, MOE_FAMILIES, hf_greedy, hf_logits, hf_model
 
-from specplan.engine.checkpoint import open_checkpoint
-from specplan.engine.kvcache import KVCache
-from specplan.engine.model import MemorySource, decode_one_token, forward, generate, prefill
+from specplan.engine.model.checkpoint import open_checkpoint
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.model.forward import MemorySource, decode_one_token, forward, generate, prefill
 from specplan.errors import SpecplanError
 
 #: transformers computes RMSNorm and RoPE in float32 even for float64 models, so float64 agreement is bounded by

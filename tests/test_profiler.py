@@ -18,10 +18,10 @@ from specplan.catalog import load_profile, user_profiles_dir
 from specplan.cli import main
 from specplan.contracts import HardwareProfile, Stat
 from specplan.contracts.hardware import Curve, Link, Point
-from specplan.engine import profile_links as pl
-from specplan.engine.profile_compute import decode_attention
-from specplan.engine.profile_timing import CpuUsage, Ticker, interleaved_seconds
-from specplan.engine.profiler import ProfileConfig, measure_profile
+from specplan.engine.measure import links as pl
+from specplan.engine.measure.compute import decode_attention
+from specplan.engine.measure.timing import CpuUsage, Ticker, interleaved_seconds
+from specplan.engine.measure.profiler import ProfileConfig, measure_profile
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_json
 
@@ -277,7 +277,7 @@ def test_cli_failure_leaves_the_old_file(tiny_cli, tmp_path, monkeypatch):
     def broken(config, on_tick=None):
         raise SpecplanError("simulated failure in the middle of measuring")
 
-    monkeypatch.setattr("specplan.engine.profiler.measure_profile", broken)
+    monkeypatch.setattr("specplan.engine.measure.profiler.measure_profile", broken)
     r = run("profile", "--quick", "-o", str(out))
     assert r.exit_code == 2 and "simulated failure" in r.output
     assert out.read_text() == "old"
@@ -322,7 +322,7 @@ def test_unwritable_output_fails_before_measuring(tmp_path, monkeypatch):
     def never(config, on_tick=None):
         raise AssertionError("measured although the output cannot be written")
 
-    monkeypatch.setattr("specplan.engine.profiler.measure_profile", never)
+    monkeypatch.setattr("specplan.engine.measure.profiler.measure_profile", never)
     r = run("profile", "--quick", "-o", str(tmp_path))
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "is a folder" in r.output
     blocker = tmp_path / "file"

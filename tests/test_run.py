@@ -12,7 +12,7 @@ from runtime_fixtures import make_plan
 from specplan.cli import main
 from specplan.contracts.plan import Placement, Plan
 from specplan.contracts.timeline import Timeline
-from specplan.engine.checkpoint import open_checkpoint
+from specplan.engine.model.checkpoint import open_checkpoint
 from specplan.jsonio import load, write_json
 
 

@@ -10,11 +10,11 @@ from engine_fixtures import hf_greedy
 from runtime_fixtures import make_plan
 
 from specplan.contracts.plan import DraftSpec, Placement, Plan
-from specplan.engine.build import upcycle_to_mixtral
-from specplan.engine.checkpoint import open_checkpoint
-from specplan.engine.kvcache import KVCache
-from specplan.engine.runtime import run_plan
-from specplan.engine.speculative import DraftState, accept, rollback
+from specplan.engine.build.models import upcycle_to_mixtral
+from specplan.engine.model.checkpoint import open_checkpoint
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.execute.runtime import run_plan
+from specplan.engine.execute.speculative import DraftState, accept, rollback
 from specplan.errors import InfeasibleError, SpecplanError
 
 PROMPTS = [[5, 17, 99, 3, 250, 61, 7], [200, 11, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100], [1, 2], [77] * 5]

@@ -14,10 +14,10 @@ from runtime_fixtures import make_plan, mixed_placement
 
 from specplan.contracts.plan import Placement
 from specplan.contracts.timeline import merged_busy_s
-from specplan.engine import directio
-from specplan.engine.checkpoint import open_checkpoint
-from specplan.engine.offload import cache_folder, ensure_offload, unit_of
-from specplan.engine.runtime import run_plan
+from specplan.engine.io import directio
+from specplan.engine.model.checkpoint import open_checkpoint
+from specplan.engine.io.offload import cache_folder, ensure_offload, unit_of
+from specplan.engine.execute.runtime import run_plan
 from specplan.errors import InfeasibleError, SpecplanError
 
 PROMPTS = [[5, 17, 99, 3, 250, 61, 7], [200, 11, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100]]
@@ -203,9 +203,9 @@ def test_offload_file_is_aligned_exact_and_built_once(reference):
 
 def test_prefetch_order_broken_is_an_error(reference):
     """A forward asking for units out of the pass order gets a clear error, not wrong weights."""
-    from specplan.engine.prefetch import PrefetchError
-    from specplan.engine.recorder import Recorder
-    from specplan.engine.store import layout_for, open_store
+    from specplan.engine.io.prefetch import PrefetchError
+    from specplan.engine.execute.recorder import Recorder
+    from specplan.engine.io.store import layout_for, open_store
 
     folder, ckpt, _ = reference("mixtral")
     plan = make_plan(ckpt.spec, Placement.uniform(ckpt.spec, "disk"))

@@ -12,7 +12,7 @@ from runtime_fixtures import cpu_profile
 from scipy.stats import spearmanr
 
 from specplan.cli import main
-from specplan.engine.build import upcycle_to_mixtral
+from specplan.engine.build.models import upcycle_to_mixtral
 from specplan.jsonio import write_json
 
 

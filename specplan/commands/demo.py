@@ -52,7 +52,7 @@ def command(ctx: click.Context, vram: float, profile_arg: str | None, num_prompt
     from specplan.catalog import measured_profiles
     from specplan.commands import run, search, simulate
     from specplan.commands.run import read_prompts
-    from specplan.engine.build import build_demo
+    from specplan.engine.build.models import build_demo
     from specplan.fmt import console
     from specplan.jsonio import write_atomic
 
@@ -107,7 +107,7 @@ def command(ctx: click.Context, vram: float, profile_arg: str | None, num_prompt
 
 def _longest_prompt(model_dir: Path, texts: list[str]) -> int:
     """The longest prompt in tokens of the demo tokenizer: the KV cache must hold it, so the plans assume it."""
-    from specplan.engine.checkpoint import open_checkpoint
+    from specplan.engine.model.checkpoint import open_checkpoint
 
     tok = open_checkpoint(model_dir).tokenizer()
     return max(len(tok(t)["input_ids"]) for t in texts)

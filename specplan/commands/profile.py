@@ -50,8 +50,8 @@ def command(output: str | None, quick: bool, offload_dir: str | None, device: st
 
 def _measure(output: str | None, quick: bool, offload_dir: str | None, device: str | None) -> None:
     from specplan.catalog import user_profiles_dir
-    from specplan.engine.profile_timing import CpuUsage
-    from specplan.engine.profiler import (
+    from specplan.engine.measure.timing import CpuUsage
+    from specplan.engine.measure.profiler import (
         ProfileConfig, check_device, command_line, default_device, measure_profile, prepare,
     )
     from specplan.fmt import console

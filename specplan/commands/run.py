@@ -46,7 +46,7 @@ def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompt
     from specplan.contracts.plan import Plan
     from specplan.jsonio import load
 
-    from specplan.engine.runtime import refuse_speculative
+    from specplan.engine.execute.runtime import refuse_speculative
 
     plan = load(Plan, _existing_file(plan_file, "plan"))
     refuse_speculative(plan)
@@ -113,8 +113,8 @@ def read_prompts(path: str | None) -> list[str]:
 
 def open_model(plan, model_dir: str | None):
     """The checkpoint to run: --model DIR (checked against the plan), or the folder the plan was made for."""
-    from specplan.engine.checkpoint import open_checkpoint
-    from specplan.engine.runtime import check_same_architecture
+    from specplan.engine.model.checkpoint import open_checkpoint
+    from specplan.engine.execute.runtime import check_same_architecture
 
     if model_dir is None:
         if plan.model.path is None:
@@ -136,8 +136,8 @@ def _run(plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_e
          draft_dir: str | None = None) -> None:
     from tqdm import tqdm
 
-    from specplan.engine.results import comparison
-    from specplan.engine.runtime import run_plan
+    from specplan.engine.execute.results import comparison
+    from specplan.engine.execute.runtime import run_plan
 
     tok = ckpt.tokenizer()
     prompts = [tok(t)["input_ids"] for t in texts]

@@ -49,8 +49,8 @@ def command(model: str, vram: float, profile_arg: str | None, drafts: tuple[str,
     from specplan.catalog import model_config_path
     from specplan.commands.run import read_prompts
     from specplan.commands.search import make_ask
-    from specplan.engine.checkpoint import open_checkpoint
-    from specplan.engine.runtime import run_plan
+    from specplan.engine.model.checkpoint import open_checkpoint
+    from specplan.engine.execute.runtime import run_plan
     from specplan.errors import SpecplanError
     from specplan.jsonio import write_atomic, write_json
     from specplan.planner.search import search
@@ -100,7 +100,7 @@ def grid(plans: list, limit: int) -> list:
 
 def row(i: int, plan, result) -> dict:
     """One plan's predicted, simulated and measured numbers (units in the key names)."""
-    from specplan.engine.results import comparison, measured_workload
+    from specplan.engine.execute.results import comparison, measured_workload
     from specplan.simulator import simulate
 
     report = comparison(plan, result)

@@ -239,7 +239,7 @@ def upcycle_to_mixtral(dense: str | Path, out: str | Path, num_experts: int = DE
     from safetensors.torch import save_file
     from transformers import MixtralConfig
 
-    from specplan.engine.checkpoint import INDEX_NAME, open_checkpoint
+    from specplan.engine.model.checkpoint import INDEX_NAME, open_checkpoint
 
     ckpt = open_checkpoint(dense)
     spec, cfg = ckpt.spec, ckpt.config
@@ -337,9 +337,9 @@ def greedy_acceptance(target: str | Path, draft: str | Path, prompts: Sequence[s
     """Per-token greedy acceptance of ``draft`` against ``target``: the target decodes greedily; the draft, fed the
     same prefix, predicts each next token; acceptance = fraction it gets right (what speculative decoding with
     greedy verification accepts per drafted token). Returns the numbers and both texts."""
-    from specplan.engine.checkpoint import open_checkpoint
-    from specplan.engine.kvcache import KVCache
-    from specplan.engine.model import MemorySource, forward, generate, pad_prompts
+    from specplan.engine.model.checkpoint import open_checkpoint
+    from specplan.engine.model.kvcache import KVCache
+    from specplan.engine.model.forward import MemorySource, forward, generate, pad_prompts
 
     tck, dck = open_checkpoint(target), open_checkpoint(draft)
     tokenizer = tck.tokenizer() if tck.has_tokenizer else dck.tokenizer()

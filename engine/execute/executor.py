@@ -4,7 +4,7 @@
     batches   = a wave split over the num_batches interleaved batches, each with its own KV cache
     prefill   = per batch, chunks of prefill_batch ragged prompts (right-padded) into rows of the batch's cache
     decode    = rounds; per round and batch one ``step``: one greedy token per active sequence, or (speculative
-                plans) the draft's proposals verified by one target pass (``engine/speculative.py``)
+                plans) the draft's proposals verified by one target pass (``execute/speculative.py``)
 
 A sequence is done after ``max_new_tokens`` tokens, or (``stop_at_eos``) at its first EOS token (kept in its
 output); tokens past either are never generated nor counted. Finished sequences leave their batch
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specplan.contracts.plan import Plan
-from specplan.engine.kvcache import KVCache
-from specplan.engine.model import forward, pad_prompts
-from specplan.engine.speculative import Acceptance, DraftModel, DraftState, draft_prefill, propose, speculative_step
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.model.forward import forward, pad_prompts
+from specplan.engine.execute.speculative import Acceptance, DraftModel, DraftState, draft_prefill, propose, speculative_step
 
 
 @dataclass

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from specplan.contracts.hardware import Curve, DiskInfo, Link, Point, Stat
-from specplan.engine import directio
-from specplan.engine.profile_timing import Ticker, net_of, rate, sample_seconds
+from specplan.engine.io import directio
+from specplan.engine.measure.timing import Ticker, net_of, rate, sample_seconds
 from specplan.errors import SpecplanError
 
 #: size of the smallest transfer, whose time is the link's latency.

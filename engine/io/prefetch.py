@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specplan.engine.directio import ALIGN, DirectFile, align_down, align_up, aligned_buffer
-from specplan.engine.offload import Entry
+from specplan.engine.io.directio import ALIGN, DirectFile, align_down, align_up, aligned_buffer
+from specplan.engine.io.offload import Entry
 
 #: reads of neighbouring tensors are merged when the gap between them is at most this (read through the gap).
 MAX_GAP_BYTES = 64 * 1024

@@ -18,13 +18,13 @@ import torch
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Timeline
-from specplan.engine.budget import available_memory_bytes, check_budget, required_bytes
-from specplan.engine.directio import align_up
-from specplan.engine.executor import Executor, RunStats, SeqState
-from specplan.engine.offload import ensure_offload, layout_of
-from specplan.engine.recorder import Recorder
-from specplan.engine.speculative import DraftModel
-from specplan.engine.store import StoreLayout, layout_for, open_store
+from specplan.engine.execute.budget import available_memory_bytes, check_budget, required_bytes
+from specplan.engine.io.directio import align_up
+from specplan.engine.execute.executor import Executor, RunStats, SeqState
+from specplan.engine.io.offload import ensure_offload, layout_of
+from specplan.engine.execute.recorder import Recorder
+from specplan.engine.execute.speculative import DraftModel
+from specplan.engine.io.store import StoreLayout, layout_for, open_store
 from specplan.errors import InfeasibleError, SpecplanError
 
 #: ModelSpec fields that name or describe a checkpoint rather than its architecture.
@@ -60,7 +60,7 @@ def open_draft_checkpoint(plan: Plan, folder: str | None):
     plan's draft spec; None for a plan without a draft. Opening reads only the index, not the weights."""
     if not plan.policy.speculative:
         return None
-    from specplan.engine.checkpoint import open_checkpoint
+    from specplan.engine.model.checkpoint import open_checkpoint
 
     d = plan.draft
     folder = folder or d.path
@@ -134,7 +134,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     kv_devices = [device if lp.kv_cache == "device" else torch.device("cpu") for lp in plan.placement.layers]
     draft = None
     if dckpt is not None:
-        from specplan.engine.model import MemorySource
+        from specplan.engine.model.forward import MemorySource
 
         on = {tier: device if tier == "device" else torch.device("cpu") for tier in ("device", "host")}
         draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from specplan.contracts.hardware import ComputeUnit, HardwareProfile, Provenance
-from specplan.engine import profile_compute as pc
-from specplan.engine import profile_links as pl
-from specplan.engine.profile_overheads import measure_overheads
-from specplan.engine.profile_timing import CpuUsage, Ticker
+from specplan.engine.measure import compute as pc
+from specplan.engine.measure import links as pl
+from specplan.engine.measure.overheads import measure_overheads
+from specplan.engine.measure.timing import CpuUsage, Ticker
 from specplan.errors import SpecplanError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specplan.contracts.hardware import Curve, MatmulCurve, Point, Stat
 from specplan.contracts.model import ModelSpec, dtype_bytes
-from specplan.engine.profile_timing import Ticker, interleaved_seconds, rate, sample_seconds
+from specplan.engine.measure.timing import Ticker, interleaved_seconds, rate, sample_seconds
 
 #: at most this many weight / KV copies are rotated (tiny tensors would otherwise need thousands).
 MAX_COPIES = 4096
@@ -117,9 +117,9 @@ def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[
 
 
 def decode_attention(q, k, v, mask):
-    """Decode attention exactly as the engine computes it: ``specplan.engine.model.attend`` (SDPA with a boolean mask,
+    """Decode attention exactly as the engine computes it: ``specplan.engine.model.forward.attend`` (SDPA with a boolean mask,
     GQA over ``q.shape[1] // k.shape[1]`` query heads per KV head)."""
-    from specplan.engine.model import attend
+    from specplan.engine.model.forward import attend
 
     return attend(q, k, v, mask, q.shape[1] // k.shape[1], q.shape[-1])
 

@@ -17,8 +17,8 @@ import threading
 import time
 
 from specplan.contracts.hardware import Overheads, Stat
-from specplan.engine.profile_compute import decode_attention
-from specplan.engine.profile_timing import sample_seconds
+from specplan.engine.measure.compute import decode_attention
+from specplan.engine.measure.timing import sample_seconds
 
 #: calls of the tiny layer that the cost model already charges ``per_op_s`` for (7 linears, 1 attention).
 COUNTED_OPS = 8

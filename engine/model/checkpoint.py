@@ -358,7 +358,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
 
 
 def _check_supported(config: dict, spec: ModelSpec, cfg_path: Path) -> None:
-    from specplan.engine.model import ACTIVATIONS, ROPE_TYPES  # the forward decides what it can compute
+    from specplan.engine.model.forward import ACTIVATIONS, ROPE_TYPES  # the forward decides what it can compute
 
     if spec.hidden_act not in ACTIVATIONS:
         raise SpecplanError(f"{cfg_path}: hidden_act '{spec.hidden_act}' is not supported by the engine "

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specplan.contracts.model import ModelSpec
-from specplan.engine.kvcache import KVCache
-from specplan.engine.model import forward, pad_prompts
+from specplan.engine.model.kvcache import KVCache
+from specplan.engine.model.forward import forward, pad_prompts
 
 
 @dataclass

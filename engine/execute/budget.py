@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from specplan.contracts.plan import Plan
-from specplan.engine.store import StoreLayout
+from specplan.engine.io.store import StoreLayout
 from specplan.errors import InfeasibleError
 from specplan.fmt import human_bytes
 
@@ -22,7 +22,7 @@ TIERS = ("device", "host")
 
 def kv_bytes_by_tier(plan: Plan, capacity: int, dtype: torch.dtype) -> dict[str, int]:
     """KV caches of one wave: ``num_batches`` caches of ``decode_batch`` rows, each layer on its plan tier."""
-    from specplan.engine.kvcache import KVCache
+    from specplan.engine.model.kvcache import KVCache
 
     spec, pol = plan.model.spec, plan.policy
     per_layer = KVCache.bytes_for(spec, pol.decode_batch, capacity, dtype) // spec.num_layers * pol.num_batches
@@ -46,7 +46,7 @@ def activation_bytes(plan: Plan, dtype_name: str, prompt_len: int, capacity: int
 
 def draft_kv_bytes(plan: Plan, capacity: int, dtype: torch.dtype) -> int:
     """The draft's KV caches of one wave (every interleaved batch), all layers."""
-    from specplan.engine.kvcache import KVCache
+    from specplan.engine.model.kvcache import KVCache
 
     pol = plan.policy
     return KVCache.bytes_for(plan.draft.spec, pol.decode_batch, capacity, dtype) * pol.num_batches

@@ -3,7 +3,7 @@
 - device tier: tensors resident where compute runs (the CPU's RAM without a GPU), within the VRAM budget;
 - host tier: tensors in host RAM (pinned on a GPU machine, copied to the device ahead of use; on a CPU the same
   memory as the device, so used in place, but counted against the host budget);
-- disk tier: tensors read on every use from the aligned offload file (``engine/offload.py``) with O_DIRECT into
+- disk tier: tensors read on every use from the aligned offload file (``io/offload.py``) with O_DIRECT into
   staging buffers — ahead of compute by ``policy.prefetch_depth`` units (``Prefetcher``), or, for routed experts
   (``policy.expert_fetch == "routed"``), on demand once the router has chosen them (``ExpertReader``).
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specplan.contracts.plan import Plan
-from specplan.engine.offload import Entry, UnitKey, unit_of
-from specplan.engine.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
+from specplan.engine.io.offload import Entry, UnitKey, unit_of
+from specplan.engine.io.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
 
 
 def tier_of(key: UnitKey, plan: Plan) -> str:
@@ -255,7 +255,7 @@ class TieredStore:
 def open_store(plan: Plan, ckpt, layout: StoreLayout, offload, recorder, dtype: torch.dtype,
                device: torch.device) -> TieredStore:
     """Load the resident tensors, allocate the staging buffers and start the fetch threads."""
-    from specplan.engine.directio import open_direct
+    from specplan.engine.io.directio import open_direct
 
     resident = {}
     for n, tier in layout.resident.items():

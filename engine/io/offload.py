@@ -116,7 +116,7 @@ def cache_folder(ckpt: Any, dtype: str) -> Path:
 def layout_of(ckpt: Any, dtype: str) -> dict[str, Entry]:
     """Where each tensor goes in the offload file at ``dtype`` (computed from the shapes; nothing is read)."""
     from specplan.contracts.model import dtype_bytes
-    from specplan.engine.directio import align_up
+    from specplan.engine.io.directio import align_up
 
     size = dtype_bytes(dtype)
     entries: dict[str, Entry] = {}
@@ -164,7 +164,7 @@ def _cached(folder: Path, dtype: str, entries: dict[str, Entry]) -> bool:
 def _convert(ckpt: Any, dtype: str, folder: Path, entries: dict[str, Entry], progress) -> None:
     import torch
 
-    from specplan.engine.directio import write_aligned
+    from specplan.engine.io.directio import write_aligned
     from specplan.jsonio import write_json
 
     tdtype = getattr(torch, dtype)

@@ -405,7 +405,7 @@ def generate(spec: ModelSpec, src: WeightSource, prompts: Sequence[Sequence[int]
              **kw) -> list[list[int]]:
     """Greedy decoding of a batch of ragged prompts; each sequence stops after ``max_new_tokens`` or at EOS
     (included). Unless ``kv`` is given, allocates a cache of the exact size needed, of ``dtype`` (default float32)."""
-    from specplan.engine.kvcache import KVCache
+    from specplan.engine.model.kvcache import KVCache
 
     if kv is None:
         kv = KVCache.allocate(spec, len(prompts), max(len(p) for p in prompts) + max_new_tokens,

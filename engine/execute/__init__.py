@@ -1,0 +1,1 @@
+"""Executing a plan: runtime, executor, speculative decoding, the measured timeline."""

@@ -1,0 +1,1 @@
+"""Measuring the machine: links, compute, overheads (specplan profile)."""

@@ -1,0 +1,1 @@
+"""Reading models: checkpoints, the forward, the KV cache."""
