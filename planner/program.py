@@ -13,6 +13,7 @@ from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.plan import Plan
 from specplan.planner.cost import expected_time_s, op_time_s, physical_resource
 from specplan.planner.expect import expected_tokens_per_seq
+from specplan.planner.kinds import DraftTier, draft_tier
 from specplan.planner.ops import Op
 from specplan.planner.units import Costing, Knobs, Pass, draft_model_ops, fixed_layer_ops, unit_ops
 
@@ -44,8 +45,8 @@ def knobs_of(plan: Plan) -> Knobs:
                  prefetch_depth=p.prefetch_depth)
 
 
-def draft_tier(plan: Plan) -> str:
-    return f"{plan.placement.draft_weights}/{plan.placement.draft_kv}"
+def draft_tier_of(plan: Plan) -> DraftTier:
+    return draft_tier(plan.placement.draft_weights, plan.placement.draft_kv)
 
 
 def _window(plan: Plan) -> float:
@@ -191,7 +192,7 @@ def draft_steps(plan: Plan, batch: int, context_len: int, num_seqs: int | None =
         p = Pass(phase="draft", seqs=seqs, tokens=1, context=context_len + s, batch=batch,
                  substitute=plan.draft.kind == "substitute")
         if plan.draft.kind == "model":
-            ops, how = draft_model_ops(c, p, draft_tier(plan), step=s), f"draft:{s}"
+            ops, how = draft_model_ops(c, p, draft_tier_of(plan), step=s), f"draft:{s}"
         else:
             ops, how = _substitute_step(plan, p, s), f"folded:draft{s}."
         start = len(b.ops)
@@ -225,7 +226,7 @@ def prefill_pass(plan: Plan, num_seqs: int | None = None, batch: int = 0, folded
     target_pass(plan, batch, 0, plan.workload.prompt_len, seqs, "prefill", builder=b, folded=folded)
     if plan.draft.kind == "model" and with_draft:
         p = Pass(phase="prefill", seqs=seqs, tokens=plan.workload.prompt_len, context=0, batch=batch)
-        b.chain_all(draft_model_ops(costing_of(plan), p, draft_tier(plan)), len(b.ops) - 1)
+        b.chain_all(draft_model_ops(costing_of(plan), p, draft_tier_of(plan)), len(b.ops) - 1)
     return Program(tuple(b.ops), float(seqs), seqs, 0, "prefill", _window(plan), plan.policy.prefetch_depth)
 
 
@@ -252,7 +253,7 @@ def with_context(plan: Plan, program: Program, context_len: int) -> Program:
                     ops[i] = _recost(op, fresh[tier][op.name.split(".", 1)[1]])
         else:
             if how.startswith("draft:"):
-                new = draft_model_ops(c, q, draft_tier(plan), step=int(how.split(":")[1]))
+                new = draft_model_ops(c, q, draft_tier_of(plan), step=int(how.split(":")[1]))
             else:
                 new = folded_ops(plan, q, how.split(":", 1)[1])
             for i, o in zip(range(start, end), new):

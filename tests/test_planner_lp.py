@@ -10,6 +10,7 @@ from specplan.catalog import load_profile
 from specplan.contracts import LayerPlacement, Placement, Workload
 from specplan.planner.drafts import DraftChoice
 from specplan.planner.lp import PlacementLP, tiers_for
+from specplan.planner.rounding import integerise
 from specplan.planner.memory import overflow
 from specplan.planner.predict import predict
 from specplan.planner.ask import Ask, Candidate, costing_for, shape_for
@@ -41,7 +42,7 @@ def lp_plan(ask, cand, lp):
     assert relaxed is not None and not any(not f.startswith("tier:") for f in relaxed.mixed)  # one policy
     sol = lp.milp()
     assert sol is not None
-    quick = lp.integerise(relaxed)
+    quick = integerise(lp, relaxed)
     if quick is not None:
         assert sol.objective_s <= quick.objective_s * (1 + 1e-9)
         assert quick.objective_s <= sol.objective_s * 1.25

@@ -8,8 +8,7 @@ import time
 import click
 
 from specplan.commands._params import GIB
-
-GiB = 2**30
+from specplan.fmt import GiB
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
 
