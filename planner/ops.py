@@ -2,7 +2,7 @@
 
 The planner sums these per resource for its steady-state prediction; the simulator schedules the same records
 with their dependencies. Time comes from ``specplan.planner.cost.op_time_s`` only.
-See /work/notes/planner_api.md (and ``specplan.planner.program``) for how programs of ops are built.
+``specplan.planner.program`` builds programs of ops and says how they are wired.
 """
 
 from __future__ import annotations

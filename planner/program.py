@@ -2,7 +2,10 @@
 interleaved batch), with weight fetches as separate ops that the compute depends on.
 
 The simulator schedules these programs; ``steady_state`` turns one into the search's analytic round time.
-The API is documented in /work/notes/planner_api.md.
+
+Wiring (``deps``): a unit's transfers chain one after another, the first on nothing (prefetchable: it may run
+ahead) or, when on demand, on the op that triggers it; its compute waits for the unit's previous op and for the
+pass's previous step. A fetch fills staging slot ``layer % (prefetch_depth + 1)`` of its pool.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _clone(op: Op, **changes) -> Op:
 
 
 class _Builder:
-    """Appends ops, turning the wiring rules of planner_api.md into ``deps`` indices."""
+    """Appends ops, turning the wiring rules (module docstring) into ``deps`` indices."""
 
     def __init__(self, depth: int = 1) -> None:
         self.ops: list[Op] = []
@@ -274,7 +277,7 @@ def _recost(op: Op, new: Op) -> Op:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Analytic time of one program run once in steady state (see planner_api.md)."""
+    """Analytic time of one program run once in steady state (``steady_state``)."""
 
     busy_s: dict[str, float]  # physical resource -> expected busy seconds
     chain_s: dict[int, float]  # batch -> serial compute + its on-demand transfers on the busiest link
