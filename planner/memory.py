@@ -7,10 +7,8 @@ The LP (``lp.py``) uses the same per-unit functions, so a plan the search accept
 from __future__ import annotations
 
 from specplan.contracts.plan import TIERS, Plan
-from specplan.planner.kinds import draft_tiers
+from specplan.planner.kinds import POOLS, draft_tiers
 from specplan.planner.units import Costing, Pass, unit_ops
-
-POOLS = ("device", "host")
 
 PHASES = ("prefill", "decode")
 
