@@ -11,6 +11,7 @@ pass's previous step. A fetch fills staging slot ``layer % (prefetch_depth + 1)`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.plan import Plan
@@ -27,7 +28,7 @@ class Program:
     tokens: float  # expected committed tokens, all sequences (prefill: the first token of each sequence)
     sequences: int
     context_len: int
-    kind: str  # "prefill" | "round" | "pass" | "draft"
+    kind: Literal["prefill", "round", "pass", "draft"]
     #: fraction of a pass's prefetchable fetches that can run ahead while its batch drafts: (depth + 1) / layers
     prefetch_window: float = 1.0
     prefetch_depth: int = 1

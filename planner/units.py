@@ -17,7 +17,7 @@ from functools import cached_property
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
-from specplan.planner.kinds import UnitKind, UnitTier, draft_tiers
+from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
 from specplan.planner.ops import Op, Phase
 
 #: tiers each unit may take (the LP's variables); a machine without a host tier drops the host ones.
@@ -290,7 +290,7 @@ def combine_op(c: Costing, p: Pass, n: float = 1) -> Op:
               group="norms_router", phase=p.phase, batch=p.batch)
 
 
-def draft_model_ops(c: Costing, p: Pass, tier: str, step: int | None = None) -> list[Op]:
+def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = None) -> list[Op]:
     """One forward of the draft model over the pass (a draft step, or its prefill), all layers folded."""
     d = c.draft_spec
     assert d is not None
