@@ -52,27 +52,19 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def dtypes_for(profile: HardwareProfile, spec: ModelSpec) -> tuple[str, str]:
-    """(weight dtype, KV dtype): float32 on a CPU device (bf16 matmuls are far slower there), else the model's."""
-    if profile.device.kind == "cpu":
-        return "float32", "float32"
-    return spec.dtype, spec.dtype
-
-
 def costing_for(ask: Ask, draft: DraftChoice) -> Costing:
-    w, kv = dtypes_for(ask.profile, ask.spec)
+    w, kv = ask.profile.default_dtypes(ask.spec.dtype)
     d = draft.spec
     return Costing(ask.spec, ask.profile, w, kv, draft_spec=d.spec if d.kind == "model" else None,
                    substitute_bits=d.bits if d.kind == "substitute" else None)
 
 
 def caps_of(ask: Ask) -> dict[str, float | None]:
-    cap = ask.capacities
-    caps: dict[str, float | None] = {"device": float(cap.device_bytes), "host": None, "disk": None}
-    if not ask.profile.shared_memory:
-        caps["host"] = float(cap.host_bytes) if cap.host_bytes else float(ask.profile.host.memory_bytes)
-    if cap.disk_bytes:
-        caps["disk"] = float(cap.disk_bytes)
+    """tier -> the LP's budget in bytes; None where the LP has no row (no host tier, an unlimited disk)."""
+    caps: dict[str, float | None] = {}
+    for tier in ("device", "host", "disk"):
+        cap = ask.capacities.capacity_bytes(tier, ask.profile)
+        caps[tier] = None if cap is None or (tier == "host" and not ask.profile.has_host_tier) else float(cap)
     return caps
 
 

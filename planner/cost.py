@@ -17,7 +17,7 @@ from specplan.planner.ops import COMPUTE_RESOURCES, Op
 
 def physical_resource(resource: str, profile: HardwareProfile) -> str:
     """The resource that really does the work: without a GPU, host compute is the device (one CPU)."""
-    if profile.shared_memory and resource == "host_compute":
+    if not profile.has_host_tier and resource == "host_compute":
         return "device_compute"
     return resource
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from specplan.contracts.plan import DraftSpec, LayerPlacement, ModelRef, Placement, Plan, Policy, Workload
+from specplan.fmt import human_bytes
 from specplan.planner.memory import PHASES, capacity_of, tier_bytes
-
-GiB = 2**30
 
 LABELS = {"staging": "staging buffers for {slots} layer fetch(es)", "activations": "activations",
           "draft_weights": "the draft's weights", "draft_kv": "the draft's KV cache", "kv_cache": "the KV cache",
@@ -16,9 +15,7 @@ LABELS = {"staging": "staging buffers for {slots} layer fetch(es)", "activations
 
 def smallest_plan(ask, draft) -> Plan:
     """Batch 1, everything on the lowest tier the profile has (disk for weights, host RAM for KV on a GPU)."""
-    from specplan.planner.ask import dtypes_for
-
-    spec, shared = ask.spec, ask.profile.shared_memory
+    spec, shared = ask.spec, not ask.profile.has_host_tier
     low_kv = "device" if shared else "host"
     layers = [LayerPlacement(attention="disk", norms_router="device", kv_cache=low_kv,
                              mlp=None if spec.is_moe_layer(i) else "disk",
@@ -31,7 +28,7 @@ def smallest_plan(ask, draft) -> Plan:
     low_draft = "device" if shared else "host"
     placement = Placement(embed=embed, lm_head=head, final_norm="device", layers=layers,
                           draft_weights=low_draft, draft_kv=low_draft)
-    w, kv = dtypes_for(ask.profile, spec)
+    w, kv = ask.profile.default_dtypes(spec.dtype)
     g = 1 if d.kind != "none" else 0
     policy = Policy(prefill_batch=1, decode_batch=1, num_batches=1, draft_len=g, prefetch_depth=ask.prefetch_depth,
                     acceptance=draft.acceptance if g else None, weight_dtype=w, kv_dtype=kv,
@@ -44,22 +41,12 @@ def smallest_plan(ask, draft) -> Plan:
                 policy=policy, placement=placement)
 
 
-def _gib(n: float) -> str:
-    """GiB, the unit of --vram; small amounts in MiB or KiB so that no figure reads 0.00."""
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= 0.1 * scale or unit == "KiB":
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
 def shortfall(plan: Plan, slots: int) -> list[str]:
     """One phrase per tier that overflows: its biggest items, the need, the capacity, the gap."""
     phases = tier_bytes(plan)
     out = []
     for tier in ("device", "host", "disk"):
         cap = capacity_of(plan, tier)
-        if cap is None and tier == "host" and not plan.profile.shared_memory:
-            cap = plan.profile.host.memory_bytes
         if cap is None:
             continue
         phase = max(PHASES, key=lambda ph: sum(phases[ph][tier].values()))
@@ -68,10 +55,10 @@ def shortfall(plan: Plan, slots: int) -> list[str]:
         if need <= cap:
             continue
         parts = sorted(items.items(), key=lambda kv: -kv[1])[:4]
-        what = " + ".join(f"{LABELS.get(k, k).format(slots=slots)} {_gib(v)}" for k, v in parts)
+        what = " + ".join(f"{LABELS.get(k, k).format(slots=slots)} {human_bytes(v)}" for k, v in parts)
         name = {"device": "the device budget (--vram)", "host": "host memory (--ram)", "disk": "the disk (--disk)"}[tier]
-        out.append(f"{what} need {_gib(need)} during {phase}, more than {name} of {_gib(cap)}, "
-                   f"short by {_gib(need - cap)}")
+        out.append(f"{what} need {human_bytes(need)} during {phase}, more than {name} of {human_bytes(cap)}, "
+                   f"short by {human_bytes(need - cap)}")
     return out
 
 

@@ -11,8 +11,7 @@ from dataclasses import replace
 from specplan.contracts.hardware import ComputeUnit, Curve, HardwareProfile, Link, Point, Stat
 from specplan.contracts.plan import Plan
 from specplan.errors import InfeasibleError
-
-GiB = 2**30
+from specplan.fmt import GiB
 
 #: the profile links behind each transfer resource
 LINKS_OF = {"h2d": ("h2d_pinned", "h2d_pageable"), "d2h": ("d2h_pinned", "d2h_pageable"),
@@ -107,13 +106,13 @@ def explain(ask, plan: Plan) -> list[str]:
     more = _best(replace(ask, capacities=ask.capacities.model_copy(
         update={"device_bytes": ask.capacities.device_bytes + GiB})))
     lines.append(f"one more GiB of device memory: {_gain(plan, more)}")
-    if not ask.profile.shared_memory:
-        host = ask.capacities.host_bytes or ask.profile.host.memory_bytes
+    if ask.profile.has_host_tier:
+        host = ask.capacities.capacity_bytes("host", ask.profile)
         more_host = _best(replace(ask, capacities=ask.capacities.model_copy(update={"host_bytes": host + 8 * GiB})))
         lines.append(f"8 more GiB of host memory: {_gain(plan, more_host)}")
     res = binding_resource(plan)
     quicker = _best(replace(ask, profile=faster(ask.profile, res)))
     lines.append(f"{res} twice as fast: {_gain(plan, quicker)}")
-    if ask.profile.shared_memory is False and res != "h2d" and "h2d" in pred.round_busy_s:
+    if ask.profile.has_host_tier and res != "h2d" and "h2d" in pred.round_busy_s:
         lines.append(f"a host->device link twice as fast: {_gain(plan, _best(replace(ask, profile=faster(ask.profile, 'h2d'))))}")
     return lines

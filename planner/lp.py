@@ -3,10 +3,11 @@
 Variables: for each unit kind u (attention of a layer, KV of a layer, a routed expert, a dense MLP, a shared expert,
 embed, lm_head, the draft model), each tier t it may take and each policy choice m that changes its cost (where
 decode attention runs for a host KV cache; where and how non-resident experts run), ``x[u,t,m] >= 0`` units with
-``sum x[u,.,.] = count(u)``. Every layer of a kind costs the same, so counts suffice; ``search.spread`` turns counts
-into a per-layer placement.
+``sum x[u,.,.] = count(u)``. Every layer of a kind costs the same, so counts suffice; ``realise.spread`` turns
+counts into a per-layer placement.
 
-Time, linear in x (coefficients read off ``units.unit_ops`` records costed by ``cost.op_time_s``):
+Time, linear in x (coefficients are the cost vectors of ``costvec``, read off ``units.unit_ops`` records costed by
+``cost.op_time_s``):
     T    >= busy_r(x)    for every physical resource r (all interleaved batches of a round)
     T    >= chain_l(x)   one batch's serial compute + its on-demand transfers on link l
     T    >= stream_l(x)  speculative: drafting + the fetches on link l that cannot run ahead of it
@@ -15,67 +16,43 @@ Time, linear in x (coefficients read off ``units.unit_ops`` records costed by ``
 Memory per phase (prefill, decode) and tier: resident units + substitute copies + staging buffers
 (``depth + 1`` slots of the average layer's fetched bytes, or of the head's) + activations <= capacity.
 
-The relaxation is solved in process with HiGHS (``highspy``); ``integerise`` turns it into whole units (branching
-on the single-unit kinds, rounding the counts, then single-unit moves while they help). ``solve_with_pulp`` (in
-``solver.py``) states the same rows through pulp/CBC as an independent check.
+The relaxation is solved in process with HiGHS (``highspy``); ``rounding.integerise`` turns it into whole units,
+``PlacementLP.milp`` solves the whole-unit problem exactly. ``solve_with_pulp`` (in ``solver.py``) states the same
+rows through pulp/CBC as an independent check.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from specplan.planner.cost import physical_resource
+from specplan.fmt import GiB
+from specplan.planner.costvec import LAYOUT, RES, AccCache
 from specplan.planner.expect import expert_touch_prob
+from specplan.planner.kinds import LAYER_UNITS, POOLS, Family, UnitKind, UnitTier
 from specplan.planner.memory import activation_bytes, substitute_bytes, unit_bytes
-from specplan.planner.ops import Op
-from specplan.planner.program import is_serial, op_times
-from specplan.planner.units import UNIT_TIERS, Costing, Knobs, Pass, draft_model_ops, fixed_layer_ops, unit_ops
+from specplan.planner.solver import solve_dense
+from specplan.planner.units import UNIT_TIERS, Costing, Knobs, Pass
 
-LAYER_UNITS = ("attention", "kv", "mlp", "shared", "expert")
-RES = ("device_compute", "host_compute", "h2d", "d2h", "disk_read", "disk_write")
-POOLS = ("device", "host")
-# layout of an Acc vector: busy per resource, serial compute, draft compute, serial / prefetchable transfer per
-# resource, bytes fetched into staging per pool
-BUSY, COMPUTE, DRAFT, SERIAL, PRE, FETCHED = 0, 6, 7, 8, 14, 20
-ACC_LEN = 22
-GiB = float(2**30)
+#: an LP variable: (unit kind, tier, the choice of the family that changes its cost, or ()).
+Option = tuple[UnitKind, UnitTier, tuple[str, ...]]
 
 
-def acc_of(ops: list[Op], c: Costing, depth: int) -> np.ndarray:
-    """The linear pieces of ``program.steady_state`` for some ops of one batch, as a vector."""
-    v = np.zeros(ACC_LEN)
-    prof = c.profile
-    for op, t in zip(ops, op_times(ops, prof)):
-        r = RES.index(physical_resource(op.resource, prof))
-        v[BUSY + r] += t
-        if op.is_compute:
-            if is_serial(op, depth):
-                v[COMPUTE] += t
-            if op.phase == "draft":
-                v[DRAFT] += t
-        else:
-            v[(SERIAL if is_serial(op, depth) else PRE) + r] += t
-        if op.slot is not None:
-            v[FETCHED + POOLS.index(op.slot[0])] += op.bytes
-    return v
-
-
-def unit_counts(c: Costing) -> dict[str, int]:
+def unit_counts(c: Costing) -> dict[UnitKind, int]:
     s = c.spec
     n_moe = len(s.moe_layers)
-    counts = {"attention": s.num_layers, "kv": s.num_layers, "mlp": s.num_layers - n_moe,
-              "shared": n_moe if s.shared_expert_intermediate_size else 0, "expert": n_moe * s.num_experts,
-              "embed": 1, "lm_head": 1, "draft": 1 if c.draft_spec is not None else 0}
+    counts: dict[UnitKind, int] = {
+        "attention": s.num_layers, "kv": s.num_layers, "mlp": s.num_layers - n_moe,
+        "shared": n_moe if s.shared_expert_intermediate_size else 0, "expert": n_moe * s.num_experts,
+        "embed": 1, "lm_head": 1, "draft": 1 if c.draft_spec is not None else 0}
     return {u: n for u, n in counts.items() if n}
 
 
-def tiers_for(c: Costing, unit: str) -> tuple[str, ...]:
+def tiers_for(c: Costing, unit: UnitKind) -> tuple[UnitTier, ...]:
     tiers = UNIT_TIERS[unit]
-    if c.shared:  # one memory: nothing lives on a separate host tier
+    if not c.profile.has_host_tier:  # one memory: nothing lives on a separate host tier
         tiers = tuple(t for t in tiers if "host" not in t)
     if unit == "lm_head" and c.spec.tie_word_embeddings:
         tiers = tuple(t for t in tiers if t != "disk")  # the head is the embedding: it follows the embed's tier
@@ -83,10 +60,10 @@ def tiers_for(c: Costing, unit: str) -> tuple[str, ...]:
 
 
 #: policy families whose choice changes the cost of some units: family -> the Knobs fields it sets.
-FAMILIES = {"attention": ("attention_on",), "experts": ("experts_on", "expert_fetch")}
+FAMILIES: dict[Family, tuple[str, ...]] = {"attention": ("attention_on",), "experts": ("experts_on", "expert_fetch")}
 
 
-def family_of(c: Costing, unit: str, tier: str) -> str | None:
+def family_of(c: Costing, unit: UnitKind, tier: UnitTier) -> Family | None:
     """The family whose choice changes this unit's cost, if any."""
     if unit == "kv" and tier == "host":
         return "attention"
@@ -95,7 +72,7 @@ def family_of(c: Costing, unit: str, tier: str) -> str | None:
     return None
 
 
-def mode_values(c: Costing, family: str, rows: int) -> tuple[tuple[str, ...], ...]:
+def mode_values(c: Costing, family: Family, rows: int) -> tuple[tuple[str, ...], ...]:
     """The choices of a family worth trying for a pass of ``rows`` routed tokens."""
     if family == "attention":
         return (("device",), ("host",))
@@ -103,7 +80,7 @@ def mode_values(c: Costing, family: str, rows: int) -> tuple[tuple[str, ...], ..
     fetches = ("layer",)
     if expert_touch_prob(spec.num_experts, spec.experts_per_token, rows) < 0.99:
         fetches = ("routed", "layer")  # where every expert is touched anyway, routed reads the same bytes, later
-    places = ("device",) if c.shared else ("device", "host")
+    places = ("device", "host") if c.profile.has_host_tier else ("device",)
     return tuple((p, f) for p in places for f in fetches)
 
 
@@ -128,67 +105,32 @@ class LPResult:
     x: np.ndarray  # units per option
     round_s: float
     prefill_s: float
-    counts: dict[tuple[str, str], float]  # (unit, tier) -> units
+    counts: dict[tuple[UnitKind, UnitTier], float]  # (unit, tier) -> units
     modes: dict[str, tuple[str, ...]]  # family -> the choice the solution uses (families it uses)
     mixed: dict[str, list[tuple[str, ...]]]  # family -> choices used when more than one is
 
 
-class AccCache:
-    """Per-unit cost vectors, shared by every candidate of a search (keyed by what changes them)."""
-
-    def __init__(self) -> None:
-        self.accs: dict[tuple, np.ndarray] = {}
-        self.knobs: dict[tuple, Knobs] = {}
-
-    def get(self, c: Costing, k: Knobs, passes: tuple[Pass, ...], unit: str | None, tier: str | None,
-            tag: tuple) -> np.ndarray:
-        """Sum over ``passes`` of one unit's cost vector; ``tag`` identifies the passes (cheap to hash)."""
-        own = unit == "draft" or bool(c.substitute_bits and tag[0] == "round")  # depends on the draft too
-        key = (id(c) if own else c.weight_dtype, k.attention_on, k.experts_on, k.expert_fetch, k.prefetch_depth,
-               tag, unit, tier)
-        acc = self.accs.get(key)
-        if acc is None:
-            acc = np.zeros(ACC_LEN)
-            for p in passes:
-                acc += acc_of(unit_op_list(c, k, p, unit, tier), c, k.prefetch_depth)
-            self.accs[key] = acc
-        return acc
-
-    def knob(self, base: Knobs, fam: str | None, mode: tuple[str, ...]) -> Knobs:
-        key = (base, fam, mode)
-        k = self.knobs.get(key)
-        if k is None:
-            k = self.knobs[key] = replace(base, **dict(zip(FAMILIES[fam], mode))) if fam else base
-        return k
-
-
-def unit_op_list(c: Costing, k: Knobs, p: Pass, unit: str | None, tier: str | None) -> list[Op]:
-    if unit is None:  # what every pass pays whatever the placement
-        return fixed_layer_ops(c, p, len(c.spec.moe_layers))
-    if unit == "draft":
-        return draft_model_ops(c, p, tier) if p.phase in ("draft", "prefill") else []  # type: ignore[arg-type]
-    if p.phase == "draft" and not p.substitute:
-        return []  # a draft model's steps do not touch the target
-    return unit_ops(c, k, p, unit, tier)  # type: ignore[arg-type]
-
-
 def _time_rows(accs: np.ndarray, const: np.ndarray, batches: int, window: float, speculative: bool):
     """Rows ``T >= a.x + b`` as (A, b): busy per resource, and per link the chain and stream bounds."""
-    used = np.flatnonzero(np.abs(accs[:, BUSY:BUSY + 6]).sum(0) + np.abs(const[BUSY:BUSY + 6]))
-    links = [r for r in range(6) if RES[r] not in ("device_compute", "host_compute")
-             and (accs[:, SERIAL + r].any() or accs[:, PRE + r].any() or const[SERIAL + r] or const[PRE + r])]
-    A = [batches * accs[:, BUSY + r] for r in used]
-    b = [batches * const[BUSY + r] for r in used]
+    L = LAYOUT
+    busy, busy_c = accs[:, L.busy], const[L.busy]
+    serial, serial_c = accs[:, L.serial], const[L.serial]
+    pre, pre_c = accs[:, L.prefetchable], const[L.prefetchable]
+    used = np.flatnonzero(np.abs(busy).sum(0) + np.abs(busy_c))
+    links = [r for r in range(len(RES)) if RES[r] not in ("device_compute", "host_compute")
+             and (serial[:, r].any() or pre[:, r].any() or serial_c[r] or pre_c[r])]
+    A = [batches * busy[:, r] for r in used]
+    b = [batches * busy_c[r] for r in used]
     for r in links or [None]:
-        sio = accs[:, SERIAL + r] if r is not None else 0.0
-        sio_c = const[SERIAL + r] if r is not None else 0.0
-        A.append(accs[:, COMPUTE] + sio)
-        b.append(const[COMPUTE] + sio_c)
+        sio = serial[:, r] if r is not None else 0.0
+        sio_c = serial_c[r] if r is not None else 0.0
+        A.append(accs[:, L.compute] + sio)
+        b.append(const[L.compute] + sio_c)
         if speculative:
-            pre = accs[:, PRE + r] if r is not None else 0.0
-            pre_c = const[PRE + r] if r is not None else 0.0
-            A.append(accs[:, DRAFT] + (1 - window) * pre + sio)
-            b.append(const[DRAFT] + (1 - window) * pre_c + sio_c)
+            pre_r = pre[:, r] if r is not None else 0.0
+            pre_rc = pre_c[r] if r is not None else 0.0
+            A.append(accs[:, L.draft] + (1 - window) * pre_r + sio)
+            b.append(const[L.draft] + (1 - window) * pre_rc + sio_c)
     return np.array(A), np.array(b)
 
 
@@ -196,7 +138,7 @@ class PlacementLP:
     """The rows of one candidate. ``modes`` restricts each family to some choices (default: all worth trying).
 
     Rows: ``E x = e`` (unit counts), ``R x + r <= T`` (round), ``P x + p <= Tpf`` (prefill), ``M x <= m``
-    (memory, in GiB).
+    (memory, in GiB). ``caps``: tier -> capacity in bytes, None for a tier without a budget row.
     """
 
     def __init__(self, c: Costing, base: Knobs, shape: Shape, caps: dict[str, float | None],
@@ -205,12 +147,12 @@ class PlacementLP:
         self.cache = cache or AccCache()
         rows = shape.decode_batch * (shape.draft_len + 1)
         self.counts = unit_counts(c)
-        defaults = {f: mode_values(c, f, rows) for f in FAMILIES}
+        defaults: dict[str, tuple[tuple[str, ...], ...]] = {f: mode_values(c, f, rows) for f in FAMILIES}
         # single units (embed, lm_head, the draft) branch like policies: their tier is a family too, so that a
         # relaxation that splits one is split into children instead of being rounded
         defaults.update({f"tier:{u}": tuple((t,) for t in tiers_for(c, u)) for u, n in self.counts.items() if n == 1})
         self.modes = {**defaults, **(modes or {})}
-        self.options: list[tuple[str, str, tuple[str, ...]]] = []
+        self.options: list[Option] = []
         for u in self.counts:
             for t in tiers_for(c, u):
                 if self.counts[u] == 1 and (t,) not in self.modes[f"tier:{u}"]:
@@ -218,9 +160,12 @@ class PlacementLP:
                 fam = family_of(c, u, t)
                 for m in (self.modes[fam] if fam else ((),)):
                     self.options.append((u, t, m))
-        self._build()
+        self.n = len(self.options)
+        self._time()
+        self._counts()
+        self._memory()
 
-    def choice_of(self, option) -> tuple[str, tuple[str, ...]] | None:
+    def choice_of(self, option: Option) -> tuple[str, tuple[str, ...]] | None:
         """(family, choice) an option belongs to: a policy family, or the tier family of a single unit."""
         u, t, m = option
         fam = family_of(self.c, u, t)
@@ -230,34 +175,43 @@ class PlacementLP:
             return f"tier:{u}", (t,)
         return None
 
-    def knobs(self, option) -> Knobs:
+    def knobs(self, option: Option | None) -> Knobs:
         if option is None:
             return self.base
         u, t, m = option
-        return self.cache.knob(self.base, family_of(self.c, u, t), m)
+        fam = family_of(self.c, u, t)
+        return self.cache.knob(self.base, FAMILIES[fam] if fam else (), m)
 
-    def _acc(self, passes: list[Pass], option, tag: tuple) -> np.ndarray:
+    def _acc(self, passes: list[Pass], option: Option | None, tag: tuple) -> np.ndarray:
         unit, tier = (option[0], option[1]) if option else (None, None)
         return self.cache.get(self.c, self.knobs(option), tuple(passes), unit, tier, tag)
 
-    def _build(self) -> None:
-        c, sh, opts = self.c, self.shape, self.options
-        n = len(opts)
+    def _passes(self) -> tuple[Pass, list[Pass], Pass, Pass]:
+        """(verification, draft steps, prefill, the verification at the last context) of the candidate."""
+        c, sh = self.c, self.shape
         verify = Pass("verify" if sh.draft_len else "decode", sh.decode_batch, sh.draft_len + 1, sh.decode_context)
         drafts = [Pass("draft", sh.decode_batch, 1, sh.decode_context + s, substitute=bool(c.substitute_bits))
                   for s in range(sh.draft_len)]
         prefill = Pass("prefill", sh.prefill_batch, sh.prompt_len, 0)
-        last = replace(verify, context=sh.capacity - sh.draft_len)
+        return verify, drafts, prefill, replace(verify, context=sh.capacity - sh.draft_len)
+
+    def _time(self) -> None:
+        """The round rows ``R, r`` and the prefill rows ``P, p``."""
+        sh, opts = self.shape, self.options
+        verify, drafts, prefill, _ = self._passes()
         tag = ("round", sh.decode_batch, sh.draft_len, sh.decode_context)
         round_acc = np.array([self._acc([verify, *drafts], o, tag) for o in opts])
         round_const = self._acc([verify, *[d for d in drafts if d.substitute]], None, tag)
         pf_tag = ("prefill", sh.prefill_batch, sh.prompt_len)
-        pf_acc = np.array([self._acc([prefill], o, pf_tag) for o in opts])
+        self.pf_acc = np.array([self._acc([prefill], o, pf_tag) for o in opts])
         pf_const = self._acc([prefill], None, pf_tag)
-        window = min(1.0, (self.base.prefetch_depth + 1) / c.spec.num_layers)
+        window = min(1.0, (self.base.prefetch_depth + 1) / self.c.spec.num_layers)
         self.R, self.r = _time_rows(round_acc, round_const, sh.num_batches, window, sh.draft_len > 0)
-        self.P, self.p = _time_rows(pf_acc, pf_const, 1, window, False)
-        # unit counts (and the tied head following the embedding)
+        self.P, self.p = _time_rows(self.pf_acc, pf_const, 1, window, False)
+
+    def _counts(self) -> None:
+        """The unit-count rows ``E x = e`` (and the tied head following the embedding)."""
+        c, opts = self.c, self.options
         E, e = [], []
         for u, cnt in self.counts.items():
             E.append([1.0 if o[0] == u else 0.0 for o in opts])
@@ -267,11 +221,16 @@ class PlacementLP:
                 E.append([1.0 if o[:2] == ("lm_head", t) else -1.0 if o[:2] == ("embed", t) else 0.0 for o in opts])
                 e.append(0.0)
         self.E, self.e = np.array(E), np.array(e)
-        # memory
+
+    def _memory(self) -> None:
+        """The memory rows ``M x <= m`` per tier and phase (GiB); ``M_int`` and ``stage`` for whole units."""
+        c, sh, opts = self.c, self.shape, self.options
+        _, _, prefill, last = self._passes()
         last_tag = ("last", sh.decode_batch, sh.draft_len, last.context)
-        decode_staging = np.array([self._acc([last], o, last_tag)[FETCHED:FETCHED + 2] if o[0] != "draft"
-                                   else np.zeros(2) for o in opts])
-        staging = {"decode": decode_staging, "prefill": pf_acc[:, FETCHED:FETCHED + 2]}
+        fetched_of = LAYOUT.fetched
+        decode_staging = np.array([self._acc([last], o, last_tag)[fetched_of] if o[0] != "draft"
+                                   else np.zeros(len(POOLS)) for o in opts])
+        staging = {"decode": decode_staging, "prefill": self.pf_acc[:, fetched_of]}
         seqs = sh.num_batches * sh.decode_batch
         slots = self.base.prefetch_depth + 1
         layers = c.spec.num_layers
@@ -293,7 +252,7 @@ class PlacementLP:
             for phase in ("prefill", "decode"):
                 extra = act[phase] if tier == "device" else 0.0
                 if tier in POOLS:
-                    fetched = staging[phase][:, POOLS.index(tier)]
+                    fetched = staging[phase][:, POOLS.index(tier)]  # type: ignore[arg-type]
                     # the LP: the average layer's fetches; whole units: a layer with the rounded-up share of
                     # every kind (``spread`` deals units evenly, so no layer holds more)
                     groups = []
@@ -312,11 +271,11 @@ class PlacementLP:
                     M_int.append(resident)
                     m.append(cap - const - extra)
         self.M, self.m, self.M_int = np.array(M) / GiB, np.array(m) / GiB, np.array(M_int) / GiB
-        self.n = n
 
     # ---- solving -----------------------------------------------------------------------------------------------
 
     def upper(self) -> np.ndarray:
+        """Column upper bounds: each option holds at most all units of its kind."""
         return np.array([float(self.counts[o[0]]) for o in self.options])
 
     def dense(self, upper: np.ndarray | None = None):
@@ -385,8 +344,6 @@ class PlacementLP:
 
     def relax(self, upper: np.ndarray | None = None) -> LPResult | None:
         """The LP relaxation (a lower bound on every whole-unit placement of this candidate)."""
-        from specplan.planner.solver import solve_dense
-
         sol = solve_dense(*self.dense(upper))
         if sol is None:
             return None
@@ -397,8 +354,6 @@ class PlacementLP:
         """The whole-unit optimum (HiGHS branch and bound): unit counts are integers, and each kind's staging
         share of a layer is an integer ``y >= fetched units / layers`` (the rounded-up share ``overflow_gib``
         charges). Exact for the linear model; a few ms to tens of ms."""
-        from specplan.planner.solver import solve_dense
-
         cost, A, lo, up, col_up = self.dense()
         n = self.n
         groups = [(row, idx, n_layers, nbytes) for row, gs in self.stage for idx, n_layers, nbytes in gs]
@@ -423,85 +378,3 @@ class PlacementLP:
         obj, T, Tpf, ok = self.evaluate(x)
         return self.result(x, obj[0], T[0], Tpf[0]) if ok[0] else None
 
-    def integerise(self, relaxed: LPResult) -> LPResult | None:
-        """Whole units: branch on the single-unit kinds the relaxation splits, round the counts (every way of
-        rounding the split ones up or down), then move single units while that helps."""
-        best: LPResult | None = None
-        single = [u for u, cnt in self.counts.items() if cnt == 1]
-        split = [u for u in single if max(relaxed.x[i] for i, o in enumerate(self.options) if o[0] == u) < 1 - 1e-6]
-        choices = [[i for i, o in enumerate(self.options) if o[0] == u] for u in split]
-        for pick in itertools.product(*choices):
-            sol = relaxed
-            if pick:
-                upper = self.upper()
-                for u, chosen in zip(split, pick):
-                    for i, o in enumerate(self.options):
-                        if o[0] == u and i != chosen:
-                            upper[i] = 0.0
-                sol = self.relax(upper)  # type: ignore[assignment]
-                if sol is None:
-                    continue
-            x = self._round(sol.x)
-            if x is None:
-                continue
-            obj, T, Tpf, _ = self.evaluate(x)
-            if best is None or obj[0] < best.objective_s:
-                best = self.result(x, obj[0], T[0], Tpf[0])
-        return best
-
-    def _round(self, x: np.ndarray) -> np.ndarray | None:
-        """Best whole-unit point among the roundings of ``x``, then single-unit moves: first out of any memory
-        overflow, then while they lower the objective. None if no point fits."""
-        floor = np.floor(x + 1e-9)
-        frac = x - floor
-        per_unit = []
-        for u, cnt in self.counts.items():
-            mine = [i for i, o in enumerate(self.options) if o[0] == u]
-            idx = sorted((i for i in mine if frac[i] > 1e-9), key=lambda i: -frac[i])
-            need = int(round(cnt - floor[mine].sum()))
-            idx = idx[: max(need + 2, 4)]
-            per_unit.append(list(itertools.combinations(idx, need))[:16] if need else [()])
-        points = []
-        for combo in itertools.product(*per_unit):
-            p = floor.copy()
-            for up in combo:
-                p[list(up)] += 1
-            points.append(p)
-            if len(points) >= 256:
-                break
-        X = np.array(points)
-        obj = self.evaluate(X)[0]
-        score = obj * (1 + 1e6 * self.overflow_gib(X))
-        x = self._improve(X[int(np.argmin(score))])
-        return x if self.overflow_gib(x)[0] <= 1e-9 else None
-
-    def _improve(self, x: np.ndarray, rounds: int = 60) -> np.ndarray:
-        """Move one unit between two options of the same kind while the best such move lowers the memory
-        overflow, then the objective."""
-        pairs = [(i, j) for i, a in enumerate(self.options) for j, b in enumerate(self.options)
-                 if i != j and a[0] == b[0]]
-        if not pairs:
-            return x
-        src = np.array([i for i, _ in pairs])
-        dst = np.array([j for _, j in pairs])
-        rows = np.arange(len(pairs))
-
-        def score(X: np.ndarray) -> np.ndarray:
-            return np.stack([self.overflow_gib(X), self.evaluate(X)[0]], axis=1)
-
-        current = score(x)[0]
-        for _ in range(rounds):
-            movable = x[src] >= 1
-            if not movable.any():
-                break
-            X = np.repeat(x[None, :], len(pairs), axis=0)
-            X[rows, src] -= 1
-            X[rows, dst] += 1
-            s = score(X)
-            s[~movable] = np.inf
-            k = int(np.lexsort((s[:, 1], s[:, 0]))[0])
-            better = s[k, 0] < current[0] - 1e-12 or (s[k, 0] <= current[0] + 1e-12 and s[k, 1] < current[1] * (1 - 1e-12))
-            if not better:
-                break
-            x, current = X[k], s[k]
-        return x

@@ -7,9 +7,8 @@ The LP (``lp.py``) uses the same per-unit functions, so a plan the search accept
 from __future__ import annotations
 
 from specplan.contracts.plan import TIERS, Plan
+from specplan.planner.kinds import POOLS, draft_tiers
 from specplan.planner.units import Costing, Pass, unit_ops
-
-POOLS = ("device", "host")
 
 PHASES = ("prefill", "decode")
 
@@ -33,10 +32,10 @@ def draft_kv_bytes(c: Costing, seqs: int, capacity: int) -> float:
 
 
 def unit_bytes(c: Costing, unit: str, tier: str, seqs: int, capacity: int) -> dict[str, float]:
-    """Resident bytes per tier of one unit at ``tier`` (a draft tier is '<weights>/<kv>'), without the
+    """Resident bytes per tier of one unit at ``tier`` (a ``kinds.DraftTier`` for the draft), without the
     substitute copy (``substitute_bytes``)."""
     if unit == "draft":
-        w_tier, kv_tier = tier.split("/")
+        w_tier, kv_tier = draft_tiers(tier)
         out = {w_tier: c.draft_bytes}
         out[kv_tier] = out.get(kv_tier, 0.0) + draft_kv_bytes(c, seqs, capacity)
         return out
@@ -109,7 +108,7 @@ def phase_passes(plan: Plan) -> dict[str, Pass]:
 
 def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:
     """phase -> tier -> item -> bytes."""
-    from specplan.planner.program import costing_of, draft_tier, unit_counts_of
+    from specplan.planner.program import costing_of, unit_counts_of
 
     c = costing_of(plan)
     pol, wl, pl = plan.policy, plan.workload, plan.placement
@@ -136,7 +135,7 @@ def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:
         add(items[unit], {t: n * b for t, b in unit_bytes(c, unit, tier, seqs, capacity).items()})
         add("substitute", {"device": n * substitute_bytes(c, unit, tier)})
     if plan.draft.kind == "model":
-        w_tier, kv_tier = draft_tier(plan).split("/")
+        w_tier, kv_tier = pl.draft_weights, pl.draft_kv
         add("draft_weights", {w_tier: c.draft_bytes})
         add("draft_kv", {kv_tier: draft_kv_bytes(c, seqs, capacity)})
     out: dict[str, dict[str, dict[str, int]]] = {}
@@ -158,11 +157,8 @@ def peak_bytes(plan: Plan) -> dict[str, int]:
 
 
 def capacity_of(plan: Plan, tier: str) -> int | None:
-    """A tier's budget; an unset host budget on a GPU machine is the profile's host memory."""
-    cap = plan.capacities
-    if tier == "host" and cap.host_bytes is None and not plan.profile.shared_memory:
-        return plan.profile.host.memory_bytes
-    return {"device": cap.device_bytes, "host": cap.host_bytes, "disk": cap.disk_bytes}[tier]
+    """A tier's budget (``Capacities.capacity_bytes``)."""
+    return plan.capacities.capacity_bytes(tier, plan.profile)
 
 
 def overflow(plan: Plan) -> dict[str, tuple[str, int, int]]:

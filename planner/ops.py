@@ -2,7 +2,7 @@
 
 The planner sums these per resource for its steady-state prediction; the simulator schedules the same records
 with their dependencies. Time comes from ``specplan.planner.cost.op_time_s`` only.
-See /work/notes/planner_api.md (and ``specplan.planner.program``) for how programs of ops are built.
+``specplan.planner.program`` builds programs of ops and says how they are wired.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from specplan.contracts.timeline import Resource
+
 OpKind = Literal["matmul", "attention", "elementwise", "transfer"]
 Phase = Literal["prefill", "decode", "draft", "verify"]
 
-COMPUTE_RESOURCES = ("device_compute", "host_compute")
-TRANSFER_RESOURCES = ("h2d", "d2h", "disk_read", "disk_write")
+COMPUTE_RESOURCES: tuple[Resource, ...] = ("device_compute", "host_compute")
+TRANSFER_RESOURCES: tuple[Resource, ...] = ("h2d", "d2h", "disk_read", "disk_write")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Op:
     """One operation. ``bytes`` is memory traffic for compute ops and the transfer size for links."""
 
     name: str
-    resource: str  # one of specplan.contracts.RESOURCES
+    resource: Resource
     kind: OpKind
     flops: float = 0.0
     bytes: float = 0.0
@@ -42,7 +44,7 @@ class Op:
     group: str | None = None
     phase: Phase | None = None
     #: staging buffer ``(pool, index)`` a weight fetch fills (pool "device" or "host"), None for other ops.
-    slot: tuple[str, int] | None = None
+    slot: tuple[Literal["device", "host"], int] | None = None
     #: fixed costs charged on top of the roofline: ``((field of profile.overheads, count), ...)``.
     overheads: tuple[tuple[str, float], ...] = ()
     #: True for a transfer whose start waits on a compute op of the same pass (it cannot be fetched ahead).

@@ -2,17 +2,22 @@
 interleaved batch), with weight fetches as separate ops that the compute depends on.
 
 The simulator schedules these programs; ``steady_state`` turns one into the search's analytic round time.
-The API is documented in /work/notes/planner_api.md.
+
+Wiring (``deps``): a unit's transfers chain one after another, the first on nothing (prefetchable: it may run
+ahead) or, when on demand, on the op that triggers it; its compute waits for the unit's previous op and for the
+pass's previous step. A fetch fills staging slot ``layer % (prefetch_depth + 1)`` of its pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.plan import Plan
 from specplan.planner.cost import expected_time_s, op_time_s, physical_resource
 from specplan.planner.expect import expected_tokens_per_seq
+from specplan.planner.kinds import DraftTier, draft_tier
 from specplan.planner.ops import Op
 from specplan.planner.units import Costing, Knobs, Pass, draft_model_ops, fixed_layer_ops, unit_ops
 
@@ -23,7 +28,7 @@ class Program:
     tokens: float  # expected committed tokens, all sequences (prefill: the first token of each sequence)
     sequences: int
     context_len: int
-    kind: str  # "prefill" | "round" | "pass" | "draft"
+    kind: Literal["prefill", "round", "pass", "draft"]
     #: fraction of a pass's prefetchable fetches that can run ahead while its batch drafts: (depth + 1) / layers
     prefetch_window: float = 1.0
     prefetch_depth: int = 1
@@ -44,8 +49,8 @@ def knobs_of(plan: Plan) -> Knobs:
                  prefetch_depth=p.prefetch_depth)
 
 
-def draft_tier(plan: Plan) -> str:
-    return f"{plan.placement.draft_weights}/{plan.placement.draft_kv}"
+def draft_tier_of(plan: Plan) -> DraftTier:
+    return draft_tier(plan.placement.draft_weights, plan.placement.draft_kv)
 
 
 def _window(plan: Plan) -> float:
@@ -61,7 +66,7 @@ def _clone(op: Op, **changes) -> Op:
 
 
 class _Builder:
-    """Appends ops, turning the wiring rules of planner_api.md into ``deps`` indices."""
+    """Appends ops, turning the wiring rules (module docstring) into ``deps`` indices."""
 
     def __init__(self, depth: int = 1) -> None:
         self.ops: list[Op] = []
@@ -191,7 +196,7 @@ def draft_steps(plan: Plan, batch: int, context_len: int, num_seqs: int | None =
         p = Pass(phase="draft", seqs=seqs, tokens=1, context=context_len + s, batch=batch,
                  substitute=plan.draft.kind == "substitute")
         if plan.draft.kind == "model":
-            ops, how = draft_model_ops(c, p, draft_tier(plan), step=s), f"draft:{s}"
+            ops, how = draft_model_ops(c, p, draft_tier_of(plan), step=s), f"draft:{s}"
         else:
             ops, how = _substitute_step(plan, p, s), f"folded:draft{s}."
         start = len(b.ops)
@@ -225,7 +230,7 @@ def prefill_pass(plan: Plan, num_seqs: int | None = None, batch: int = 0, folded
     target_pass(plan, batch, 0, plan.workload.prompt_len, seqs, "prefill", builder=b, folded=folded)
     if plan.draft.kind == "model" and with_draft:
         p = Pass(phase="prefill", seqs=seqs, tokens=plan.workload.prompt_len, context=0, batch=batch)
-        b.chain_all(draft_model_ops(costing_of(plan), p, draft_tier(plan)), len(b.ops) - 1)
+        b.chain_all(draft_model_ops(costing_of(plan), p, draft_tier_of(plan)), len(b.ops) - 1)
     return Program(tuple(b.ops), float(seqs), seqs, 0, "prefill", _window(plan), plan.policy.prefetch_depth)
 
 
@@ -252,7 +257,7 @@ def with_context(plan: Plan, program: Program, context_len: int) -> Program:
                     ops[i] = _recost(op, fresh[tier][op.name.split(".", 1)[1]])
         else:
             if how.startswith("draft:"):
-                new = draft_model_ops(c, q, draft_tier(plan), step=int(how.split(":")[1]))
+                new = draft_model_ops(c, q, draft_tier_of(plan), step=int(how.split(":")[1]))
             else:
                 new = folded_ops(plan, q, how.split(":", 1)[1])
             for i, o in zip(range(start, end), new):
@@ -273,7 +278,7 @@ def _recost(op: Op, new: Op) -> Op:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Analytic time of one program run once in steady state (see planner_api.md)."""
+    """Analytic time of one program run once in steady state (``steady_state``)."""
 
     busy_s: dict[str, float]  # physical resource -> expected busy seconds
     chain_s: dict[int, float]  # batch -> serial compute + its on-demand transfers on the busiest link

@@ -7,8 +7,10 @@ from datetime import datetime, timezone
 
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import DraftSpec, LayerPlacement, ModelRef, Placement, Plan, Policy
-from specplan.planner.ask import Ask, Candidate, dtypes_for
+from specplan.planner.ask import Ask, Candidate
+from specplan.planner.kinds import draft_tiers
 from specplan.planner.lp import FAMILIES, LPResult, PlacementLP
+from specplan.planner.rounding import integerise
 from specplan.planner.units import Knobs
 
 
@@ -26,7 +28,7 @@ def interleave(counts: list[tuple[str, int]], n: int) -> list[str]:
 def _tier_counts(counts: dict[tuple[str, str], float], unit: str) -> list[tuple[str, int]]:
     order = {"device": 0, "host": 1, "disk": 2}
     items = [(t, int(round(v))) for (u, t), v in counts.items() if u == unit and int(round(v)) > 0]
-    return sorted(items, key=lambda tv: order.get(tv[0].split("/")[0], 9))
+    return sorted(items, key=lambda tv: order[draft_tiers(tv[0])[0] if unit == "draft" else tv[0]])
 
 
 def spread(spec: ModelSpec, counts: dict[tuple[str, str], float]) -> Placement:
@@ -48,9 +50,9 @@ def spread(spec: ModelSpec, counts: dict[tuple[str, str], float]) -> Placement:
               for i in range(L)]
     embed = _tier_counts(counts, "embed")[0][0]
     head = _tier_counts(counts, "lm_head")[0][0]
-    draft = (_tier_counts(counts, "draft") or [("device/device", 1)])[0][0].split("/")
+    draft_weights, draft_kv = draft_tiers((_tier_counts(counts, "draft") or [("device/device", 1)])[0][0])
     return Placement(embed=embed, lm_head=head, final_norm="device", layers=layers,  # type: ignore[arg-type]
-                     draft_weights=draft[0], draft_kv=draft[1])  # type: ignore[arg-type]
+                     draft_weights=draft_weights, draft_kv=draft_kv)
 
 
 def knobs_of(base: Knobs, modes: dict[str, tuple[str, ...]]) -> Knobs:
@@ -66,7 +68,7 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
               predicted: bool = True) -> Plan:
     from specplan.planner.predict import predict
 
-    w, kv = dtypes_for(ask.profile, ask.spec)
+    w, kv = ask.profile.default_dtypes(ask.spec.dtype)
     s = cand.shape
     policy = Policy(prefill_batch=s.prefill_batch, decode_batch=s.decode_batch, num_batches=s.num_batches,
                     draft_len=s.draft_len, attention_on=k.attention_on, experts_on=k.experts_on,  # type: ignore[arg-type]
@@ -110,7 +112,7 @@ def realise(ask: Ask, cand: Candidate, lp: PlacementLP, sol: LPResult) -> Plan |
             caps[tier] = (caps[tier] or cap) - (need - cap) - 2**24
         lp = PlacementLP(lp.c, lp.base, lp.shape, caps, lp.modes, lp.cache)
         relaxed = lp.relax()
-        sol = lp.integerise(relaxed) if relaxed is not None else None  # type: ignore[assignment]
+        sol = integerise(lp, relaxed) if relaxed is not None else None  # type: ignore[assignment]
         if sol is None:
             return None
     return None

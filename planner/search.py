@@ -5,7 +5,7 @@ a draft), decode batch, prefill batch; inside each LP also where decode attentio
 run and how they are fetched (policy *families*), and the tier of each single unit (embed, lm_head, the draft).
 
 Search: best bound first over ``lp.PlacementLP`` relaxations. A relaxation that mixes two choices of a family is
-split into one child per choice; a relaxation on one choice is rounded to whole units (``integerise``) and kept
+split into one child per choice; a relaxation on one choice is rounded to whole units (``rounding.integerise``) and kept
 if among the best K, and the rest of its policy space is queued with its bound. The best plan's placement is then
 solved exactly (``PlacementLP.milp``) unless its rounding is already within 0.1% of the bound.
 
@@ -24,18 +24,21 @@ import math
 from dataclasses import dataclass
 
 from specplan.errors import InfeasibleError
-from specplan.planner.ask import Ask, Candidate, SearchResult, caps_of, costing_for, dtypes_for, shape_for
+from specplan.fmt import GiB
+from specplan.planner.ask import Ask, Candidate, SearchResult, caps_of, costing_for, shape_for
 from specplan.planner.drafts import DraftChoice
 from specplan.planner.expect import expert_touch_prob
-from specplan.planner.lp import AccCache, LPResult, PlacementLP
+from specplan.planner.costvec import AccCache
+from specplan.planner.lp import LPResult, PlacementLP
 from specplan.planner.realise import realise, same_plan
+from specplan.planner.rounding import integerise
 from specplan.planner.units import Knobs
 
 DRAFT_LENS = (1, 2, 3, 4, 6, 8)
 MILP_GAP = 1e-3  # a rounding this close to the LP bound is not re-solved as a MILP
 MAX_BATCH = 1024
 
-__all__ = ["Ask", "Candidate", "SearchResult", "search", "dtypes_for", "costing_for", "shape_for"]
+__all__ = ["Ask", "Candidate", "SearchResult", "search", "costing_for", "shape_for"]
 
 
 def batches(ask: Ask, nb: int) -> list[int]:
@@ -139,7 +142,7 @@ class Searcher:
         if any(len(v) > 1 for v in n.modes.values()):
             pure = self.lp(n.cand, {f: (m,) for f, m in chosen.items()})
         self.result.milps += 1
-        sol = pure.integerise(pure.project(n.lp, n.relaxed)) or pure.milp()  # rounding failing is rare: exact then
+        sol = integerise(pure, pure.project(n.lp, n.relaxed)) or pure.milp()  # rounding failing is rare: exact then
         if sol is not None:
             self.keep(Node(n.cand, pure.modes, n.relaxed, pure), sol)
 
@@ -242,16 +245,16 @@ def streaming_floor(ask: Ask):
     everything off the device streams through the host->device link or is read by the host CPU from its RAM (at
     best both at full speed at once), and what fits in neither device nor host memory is read from disk. Routed
     experts count only with the probability that a pass of ``rows`` tokens touches them."""
-    w, _ = dtypes_for(ask.profile, ask.spec)
+    w, _ = ask.profile.default_dtypes(ask.spec.dtype)
     spec, prof = ask.spec, ask.profile
     total = spec.weight_bytes(w)
     experts = spec.group_bytes(w)["experts"]
     caps = caps_of(ask)
     off = max(0.0, total - ask.capacities.device_bytes)
-    on_disk = max(0.0, off - (caps["host"] or 0.0)) if not prof.shared_memory else off
-    big = 2**30  # one large transfer, where links reach their best rate
+    on_disk = max(0.0, off - (caps["host"] or 0.0)) if prof.has_host_tier else off
+    big = GiB  # one large transfer, where links reach their best rate
     disk_rate = big / prof.disk_read_time_s(big)
-    near_rate = math.inf if prof.shared_memory else big / prof.h2d_time_s(big) + prof.host.memory_bandwidth_Bps.max
+    near_rate = big / prof.h2d_time_s(big) + prof.host.memory_bandwidth_Bps.max if prof.has_host_tier else math.inf
 
     def streamed(nbytes: float, p: float) -> float:
         """Fewest bytes a pass reads of ``nbytes`` off a tier: experts first, each touched with probability p."""

@@ -84,45 +84,6 @@ def solve_dense(cost, A, lower, upper, col_upper, integer=None, time_limit_s: fl
     return h.getInfo().objective_function_value, np.array(h.getSolution().col_value)
 
 
-def solve_highs(names: list[Hashable], cost: list[float], upper: list[float], integer: list[bool],
-                rows: list[tuple[dict, float, float]]) -> tuple[float, dict[Hashable, float]] | None:
-    """Minimise ``cost . x``; None when infeasible."""
-    import highspy
-    import numpy as np
-
-    inf = highspy.kHighsInf
-    index = {n: i for i, n in enumerate(names)}
-    h = new_highs()
-    h.setOptionValue("presolve", "off" if not any(integer) else "choose")
-    n = len(names)
-    lp = highspy.HighsLp()
-    lp.num_col_ = n
-    lp.num_row_ = len(rows)
-    lp.col_cost_ = np.array(cost, dtype=float)
-    lp.col_lower_ = np.zeros(n)
-    lp.col_upper_ = np.array([inf if math.isinf(u) else u for u in upper], dtype=float)
-    lp.row_lower_ = np.array([-inf if math.isinf(lo) else lo for _, lo, _ in rows], dtype=float)
-    lp.row_upper_ = np.array([inf if math.isinf(up) else up for _, _, up in rows], dtype=float)
-    starts, idx, vals = [0], [], []
-    for coef, _, _ in rows:
-        for var, a in sorted(coef.items(), key=lambda kv: index[kv[0]]):
-            idx.append(index[var])
-            vals.append(a)
-        starts.append(len(idx))
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
-    lp.a_matrix_.index_ = np.array(idx, dtype=np.int32)
-    lp.a_matrix_.value_ = np.array(vals, dtype=float)
-    if any(integer):
-        lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integer]
-    h.passModel(lp)
-    h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        return None
-    values = list(h.getSolution().col_value)
-    return h.getInfo().objective_function_value, {name: values[i] for name, i in index.items()}
-
-
 def solve_with_pulp(names: list[Hashable], cost: list[float], upper: list[float], integer: list[bool],
                     rows: list[tuple[dict, float, float]]) -> tuple[float, dict[Hashable, float]] | None:
     """The same problem through pulp and its bundled CBC (slower: for tests and cross-checks)."""

@@ -17,10 +17,11 @@ from functools import cached_property
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
+from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
 from specplan.planner.ops import Op, Phase
 
-#: tiers each unit may take (the LP's variables); a shared-memory profile has no host tier.
-UNIT_TIERS: dict[str, tuple[str, ...]] = {
+#: tiers each unit may take (the LP's variables); a machine without a host tier drops the host ones.
+UNIT_TIERS: dict[UnitKind, tuple[UnitTier, ...]] = {
     "attention": ("device", "host", "disk"),
     "kv": ("device", "host"),
     "mlp": ("device", "host", "disk"),
@@ -28,7 +29,6 @@ UNIT_TIERS: dict[str, tuple[str, ...]] = {
     "shared": ("device", "host", "disk"),
     "embed": ("device", "host"),
     "lm_head": ("device", "host", "disk"),
-    # the draft model: "<weights tier>/<kv tier>"
     "draft": ("device/device", "device/host", "host/host"),
 }
 
@@ -50,7 +50,8 @@ class Costing:
 
     @property
     def shared(self) -> bool:
-        return self.profile.shared_memory
+        """No separate host tier (``HardwareProfile.has_host_tier``)."""
+        return not self.profile.has_host_tier
 
     @cached_property
     def w(self) -> float:
@@ -289,11 +290,11 @@ def combine_op(c: Costing, p: Pass, n: float = 1) -> Op:
               group="norms_router", phase=p.phase, batch=p.batch)
 
 
-def draft_model_ops(c: Costing, p: Pass, tier: str, step: int | None = None) -> list[Op]:
+def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = None) -> list[Op]:
     """One forward of the draft model over the pass (a draft step, or its prefill), all layers folded."""
     d = c.draft_spec
     assert d is not None
-    w_tier, kv_tier = tier.split("/")
+    w_tier, kv_tier = draft_tiers(tier)
     unit = {"device": "device_compute", "host": "host_compute"}
     tag = "draft" if step is None else f"draft{step}"
     common = dict(group="draft", phase=p.phase, batch=p.batch)
@@ -321,7 +322,7 @@ def draft_model_ops(c: Costing, p: Pass, tier: str, step: int | None = None) -> 
                   Op(f"{tag}.attn_out_h2d", "h2d", "transfer", bytes=out, calls=d.num_layers, on_demand=True, **common)]
 
 
-def unit_ops(c: Costing, k: Knobs, p: Pass, unit: str, tier: str, n: float = 1) -> list[Op]:
+def unit_ops(c: Costing, k: Knobs, p: Pass, unit: UnitKind, tier: UnitTier, n: float = 1) -> list[Op]:
     """The ops of ``n`` identical units of kind ``unit`` at ``tier`` in pass ``p``; names are relative to the
     layer (the program prefixes ``L{i}.``), fetch slots carry a placeholder index."""
     if unit == "attention":

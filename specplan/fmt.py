@@ -1,11 +1,18 @@
-"""Human-readable numbers for tables (files always store plain numbers with units in the key names)."""
+"""Human-readable numbers for tables (files always store plain numbers with units in the key names).
+
+The unit rule: sizes are bytes inside the code; a size a user types (``--vram``, ``--ram``, ``--disk``) is in GiB
+(``GiB`` = 2^30 bytes); a printed size is in binary units and names them (``human_bytes``). Rates keep their
+decimal prefixes (``human_rate``: 2.70 GB/s), as bandwidths and FLOP/s are quoted.
+"""
 
 from __future__ import annotations
 
+KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+
 
 def human_bytes(n: float) -> str:
-    """Decimal units (GB = 1e9 bytes), as model sizes and bandwidths are quoted."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """Binary units: ``human_bytes(3 * 2**29) == '1.50 GiB'``; below one KiB in bytes."""
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"

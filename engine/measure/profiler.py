@@ -25,8 +25,7 @@ from specplan.engine.measure import links as pl
 from specplan.engine.measure.overheads import measure_overheads
 from specplan.engine.measure.timing import CpuUsage, Ticker
 from specplan.errors import SpecplanError
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from specplan.fmt import GiB, KiB, MiB
 
 
 def _pow(lo: int, hi: int, step: int) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 ``open_checkpoint(folder)`` reads only the config and the safetensors headers: every tensor becomes a ``TensorRef``
 (file, absolute byte offset, byte count, dtype, shape) under a canonical name that does not depend on the HF layout
-(see /work/notes/engine_api.md). Both MoE layouts map to the same names: the published per-expert one
+(``canonical_name``). Both MoE layouts map to the same names: the published per-expert one
 (``block_sparse_moe.experts.N.w1/w2/w3``, ``mlp.experts.N.gate_proj/...``) and the fused one transformers 5 writes
 (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]), where each expert's gate, up and
 down is a contiguous byte range inside the fused tensor. Problems (missing config or shard, truncated or corrupted

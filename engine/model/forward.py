@@ -39,7 +39,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class WeightSource(Protocol):
-    """Where the forward gets its weights (see /work/notes/engine_api.md)."""
+    """Where the forward gets its weights, by the canonical names of ``checkpoint.py``."""
 
     def tensor(self, name: str) -> torch.Tensor: ...  # "embed", "final_norm", "lm_head"
 

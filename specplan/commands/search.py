@@ -8,8 +8,7 @@ import time
 import click
 
 from specplan.commands._params import GIB
-
-GiB = 2**30
+from specplan.fmt import GiB
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
 
@@ -177,7 +176,7 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
 
 def _print(ask, result, elapsed: float) -> None:
     prof, cap, wl = ask.profile, ask.capacities, ask.workload
-    host = "shared with the device" if prof.shared_memory else f"{(cap.host_bytes or 0) / GiB:.2f} GiB"
+    host = f"{cap.capacity_bytes('host', prof) / GiB:.2f} GiB" if prof.has_host_tier else "shared with the device"
     best = result.plans[0]
     out = [f"{ask.model_name} on {prof.name} ({prof.provenance.kind} profile): device {cap.device_bytes / GiB:.2f} GiB, "
            f"host {host}, disk {'unlimited' if cap.disk_bytes is None else f'{cap.disk_bytes / GiB:.2f} GiB'}; "

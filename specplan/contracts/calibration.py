@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from specplan.contracts.strict import Strict
 
 SCHEMA_VERSION = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AcceptanceRecord(_Strict):
+class AcceptanceRecord(Strict):
     draft: str = Field(min_length=1)  # draft label: "substitute:int4", a catalog name or a folder name
     target: str | None = None  # the target it was measured against; None = any
     acceptance: float = Field(ge=0, le=1)
@@ -40,7 +38,7 @@ class AcceptanceRecord(_Strict):
         return self
 
 
-class Calibration(_Strict):
+class Calibration(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     created_utc: str
     acceptance: list[AcceptanceRecord] = Field(min_length=1)

@@ -11,8 +11,9 @@ import bisect
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from specplan.contracts.strict import Strict
 from specplan.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -29,11 +30,14 @@ LINKS = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def compute_dtype_on(device_kind: str, dtype: str) -> str:
+    """The dtype a device of ``device_kind`` ("cuda", "cpu", or a torch device type) computes ``dtype`` weights
+    in: float32 on a CPU (bf16 matmuls are several times slower there), else ``dtype`` itself. The planner's
+    default dtypes and the engine's compute dtype both come from here."""
+    return "float32" if device_kind == "cpu" else dtype
 
 
-class Stat(_Strict):
+class Stat(Strict):
     """A measured quantity over repeated samples (a published figure has min = median = max)."""
 
     min: float = Field(gt=0)
@@ -65,14 +69,14 @@ class Stat(_Strict):
         return (self.max - self.min) / self.median
 
 
-class Point(_Strict):
+class Point(Strict):
     """One x of a curve with the statistics of y there."""
 
     x: float = Field(gt=0)
     y: Stat
 
 
-class Curve(_Strict):
+class Curve(Strict):
     """y over a positive x (a size in bytes, a number of rows ...), interpolated linearly in log(x).
 
     Outside the measured range the value of the nearest end is used (no extrapolation).
@@ -106,7 +110,7 @@ class Curve(_Strict):
         return ya + t * (yb - ya)
 
 
-class Link(_Strict):
+class Link(Strict):
     """A data path: achieved bandwidth over transfer size plus a fixed latency per transfer."""
 
     bandwidth_Bps: Curve
@@ -131,7 +135,7 @@ class Link(_Strict):
         return t
 
 
-class MatmulCurve(_Strict):
+class MatmulCurve(Strict):
     """Achieved FLOP/s of ``(m x k) @ (k x n)`` in ``dtype`` over the number of rows ``m``."""
 
     dtype: str
@@ -140,7 +144,7 @@ class MatmulCurve(_Strict):
     flops: Curve  # x = rows m, y = achieved FLOP/s
 
 
-class ComputeUnit(_Strict):
+class ComputeUnit(Strict):
     """The device (a GPU, or the CPU itself when there is none) or the host CPU."""
 
     kind: Literal["cuda", "cpu"]
@@ -174,7 +178,7 @@ class ComputeUnit(_Strict):
         return max(p.y.median for c in self.matmul if c.dtype == dtype for p in c.flops.points)
 
 
-class Overheads(_Strict):
+class Overheads(Strict):
     """Fixed costs the engine pays regardless of size."""
 
     per_op_s: float = Field(ge=0)  # framework dispatch of one kernel / torch op
@@ -185,7 +189,7 @@ class Overheads(_Strict):
     samples_s: dict[str, Stat] | None = None
 
 
-class Provenance(_Strict):
+class Provenance(Strict):
     kind: Literal["measured", "published"]
     created_utc: str
     #: for published figures: where each number comes from (datasheets, papers, reviews).
@@ -204,14 +208,14 @@ class Provenance(_Strict):
         return self
 
 
-class DiskInfo(_Strict):
+class DiskInfo(Strict):
     path: str | None = None  # the offload folder measured
     filesystem: str | None = None
     o_direct: bool = False  # whether O_DIRECT reads work there
     capacity_bytes: int | None = None
 
 
-class HardwareProfile(_Strict):
+class HardwareProfile(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     provenance: Provenance
@@ -235,12 +239,23 @@ class HardwareProfile(_Strict):
             raise ValueError("shared_memory is only for a device of kind 'cpu'")
         return self
 
+    @property
+    def has_host_tier(self) -> bool:
+        """Whether host memory is a tier of its own (a GPU machine). Without one (``shared_memory``) nothing is
+        placed on a separate host tier, host compute is the device's, and fetches are disk reads only."""
+        return not self.shared_memory
+
+    def default_dtypes(self, model_dtype: str) -> tuple[str, str]:
+        """(weight dtype, KV dtype) for a model stored in ``model_dtype`` on this machine's device."""
+        w = compute_dtype_on(self.device.kind, model_dtype)
+        return w, w
+
     def link(self, name: str) -> Link | None:
         return self.links.get(name)
 
     def h2d_time_s(self, nbytes: float, pinned: bool = True) -> float:
         """Host->device copy time; zero when host and device share memory."""
-        if self.shared_memory or nbytes <= 0:
+        if not self.has_host_tier or nbytes <= 0:
             return 0.0
         link = self.links.get("h2d_pinned" if pinned else "h2d_pageable") or self.links.get(
             "h2d_pageable" if pinned else "h2d_pinned"
@@ -249,7 +264,7 @@ class HardwareProfile(_Strict):
         return link.time_s(nbytes)
 
     def d2h_time_s(self, nbytes: float, pinned: bool = True) -> float:
-        if self.shared_memory or nbytes <= 0:
+        if not self.has_host_tier or nbytes <= 0:
             return 0.0
         link = self.links.get("d2h_pinned" if pinned else "d2h_pageable") or self.links.get(
             "d2h_pageable" if pinned else "d2h_pinned"

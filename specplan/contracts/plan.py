@@ -8,19 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import DTYPE_BYTES, ModelSpec, dtype_bytes
+from specplan.contracts.strict import Strict as _Strict
 
 SCHEMA_VERSION = 1
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[str, ...] = ("device", "host", "disk")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelRef(_Strict):
@@ -167,11 +164,20 @@ class Placement(_Strict):
 
 
 class Capacities(_Strict):
-    """Budgets the plan was made for (bytes); None = not limited."""
+    """Budgets the plan was made for, in bytes; ``capacity_bytes`` resolves the one a tier has."""
 
     device_bytes: int = Field(gt=0)
+    #: the host tier's budget; None = all of the profile's host memory (``profile.host.memory_bytes``). A machine
+    #: without a host tier (``HardwareProfile.has_host_tier``) places nothing there, whatever the budget.
     host_bytes: int | None = Field(None, gt=0)
+    #: None = not limited.
     disk_bytes: int | None = Field(None, gt=0)
+
+    def capacity_bytes(self, tier: str, profile: HardwareProfile) -> int | None:
+        """The effective budget of ``tier`` on ``profile``'s machine; None only for an unlimited disk."""
+        if tier == "host":
+            return self.host_bytes if self.host_bytes is not None else profile.host.memory_bytes
+        return {"device": self.device_bytes, "disk": self.disk_bytes}[tier]
 
 
 class Prediction(_Strict):

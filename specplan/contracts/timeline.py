@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specplan.contracts.strict import Strict
 
 SCHEMA_VERSION = 1
 
 #: the resources of the machine model; every event names one.
-RESOURCES = ("device_compute", "host_compute", "h2d", "d2h", "disk_read", "disk_write")
+Resource = Literal["device_compute", "host_compute", "h2d", "d2h", "disk_read", "disk_write"]
+RESOURCES: tuple[Resource, ...] = get_args(Resource)
 
 
-class Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Event(Strict):
     resource: str
     name: str
     start_s: float
