@@ -33,7 +33,10 @@ def test_demo_runs_every_step_into_one_folder(tiny_model, tmp_path, monkeypatch)
 
     assert load(Calibration, out / "calibration" / "calibration.json").acceptance[0].target == load(
         Plan, out / "plan.json").model.name
-    assert not load(Plan, out / "baseline" / "plan.json").policy.speculative
+    baseline = load(Plan, out / "baseline" / "plan.json")
+    assert not baseline.policy.speculative
+    assert baseline.command.startswith(f"specplan search --model {target} --vram 0.01")
+    assert "--draft none" in baseline.command
     for f in ("simulated/timeline.json", "simulated/trace.json", "simulated/gantt.png", "workload_prompts.txt"):
         assert (out / f).is_file(), f
     for folder in ("measured", "baseline/measured"):

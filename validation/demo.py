@@ -15,6 +15,7 @@ Each step calls the functions its subcommand calls and prints what it prints; th
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -88,15 +89,20 @@ def longest_prompt(model_dir: Path, texts: list[str]) -> int:
 
 def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_len: int, drafts: tuple[str, ...],
                 num_prompts: int, output: Path, top: int = 5, calibration: str | None = None) -> None:
-    """What ``specplan search`` does and prints for these options, writing the best plan to ``output``."""
+    """What ``specplan search`` does and prints for these options, writing the best plan to ``output``; the plan
+    records the equivalent ``specplan search`` command line."""
     from specplan.jsonio import write_json
     from specplan.planner.asking import make_ask
     from specplan.planner.report import search_lines
     from specplan.planner.search import search
 
     t0 = time.perf_counter()
+    flags = ["--model", model, "--vram", f"{vram:g}", "--profile", profile_arg,
+             *(x for d in drafts for x in ("--draft", d)), *(("--calibration", calibration) if calibration else ()),
+             "--prompt-len", str(prompt_len),
+             "--gen-len", str(gen_len), "--num-prompts", str(num_prompts), "--output", str(output), "--top", str(top)]
     ask = make_ask(model, vram, None, None, profile_arg, drafts, None, calibration, prompt_len, gen_len, num_prompts,
-                   top, "specplan demo")
+                   top, shlex.join(["specplan", "search", *flags]))
     result = search(ask)
     print("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
     show_written([write_json(output, result.plans[0])])
