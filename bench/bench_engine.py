@@ -38,7 +38,7 @@ STREAM_S = 1.5  # seconds of back-to-back 64 MiB reads of the offload file befor
 def decode_bound_tok_s(plan, result) -> tuple[float, str]:
     """Decode tokens per second if the busiest resource were busy all the time: the tokens of one steady-state round
     over the largest per-resource busy time of that round, as the planner costs it from the plan's profile."""
-    from specplan.engine.execute.results import prediction_for
+    from specplan.validation.compare import prediction_for
 
     pred, _ = prediction_for(plan, result)
     resource = max(pred.round_busy_s, key=pred.round_busy_s.get)
@@ -74,16 +74,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from specplan.catalog import load_model_spec, load_profile
-    from specplan.commands.demo import CALIBRATION_PROMPTS
-    from specplan.commands.run import read_prompts
     from specplan.contracts.plan import Capacities, Workload
     from specplan.engine.build.models import build_demo
     from specplan.engine.model.checkpoint import open_checkpoint
     from specplan.engine.io.offload import ensure_offload
-    from specplan.engine.execute.results import comparison, decode_busy_fraction, prediction_for
+    from specplan.engine.execute.results import decode_busy_fraction
     from specplan.engine.execute.runtime import run_plan
     from specplan.planner.drafts import choices
     from specplan.planner.search import Ask, search
+    from specplan.validation.compare import comparison, prediction_for, simulated_for
+    from specplan.validation.demo import CALIBRATION_PROMPTS
+    from specplan.validation.runs import read_prompts
 
     demo = build_demo(log=print)
     ckpt = open_checkpoint(demo.target)
@@ -132,8 +133,8 @@ def main() -> None:
                                   for p in (before, after))
             disk_Bps = statistics.mean(p.link("disk_read_direct").sustained_Bps.median for p in (before, after))
             busy = decode_busy_fraction(plan, out.timeline)
-            r = row(plan, out, comparison(plan, out), busy, simulated_decode_tok_s(plan, out), resource, stored, now,
-                    disk_Bps)
+            simulated = simulated_for(plan, out).summary.decode_tok_s
+            r = row(plan, out, comparison(plan, out), busy, simulated, resource, stored, now, disk_Bps)
             r["predicted_now_decode_tok_s"] = statistics.mean(
                 prediction_for(plan.model_copy(update={"profile": p}), out)[0].decode_tok_s for p in (before, after))
             r["signed_error_predicted_now"] = ((r["predicted_now_decode_tok_s"] - r["measured_decode_tok_s"])
@@ -188,16 +189,6 @@ def speedups(runs: dict[str, list[dict]]) -> None:
         pred = statistics.median(a["predicted_decode_tok_s"] / b["predicted_decode_tok_s"] for a, b in pairs)
         print(f"{name} over '{fastest}': decode-only speedup measured {meas:.2f}x (median of {len(pairs)} paired "
               f"runs), predicted {pred:.2f}x")
-
-
-def simulated_decode_tok_s(plan, out) -> float:
-    """The simulator's decode throughput for the plan on the workload that ran (seed 0 draws)."""
-    from specplan.engine.execute.results import measured_workload
-    from specplan.simulator import simulate
-
-    wl = measured_workload(plan, out)
-    sim = simulate(plan.model_copy(update={"workload": wl, "prediction": None}), seed=0)
-    return sim.summary.decode_tok_s
 
 
 def profile_64MiB_Bps(profile) -> float:

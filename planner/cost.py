@@ -11,15 +11,14 @@ This is the only place the formulas live; search, prediction and simulator all c
 from __future__ import annotations
 
 from specplan.contracts.hardware import ComputeUnit, HardwareProfile
+from specplan.contracts.timeline import physical_resource as physical_of
 from specplan.errors import ContractError
 from specplan.planner.ops import COMPUTE_RESOURCES, Op
 
 
 def physical_resource(resource: str, profile: HardwareProfile) -> str:
-    """The resource that really does the work: without a GPU, host compute is the device (one CPU)."""
-    if not profile.has_host_tier and resource == "host_compute":
-        return "device_compute"
-    return resource
+    """The resource that really does the work on ``profile`` (``contracts.timeline.physical_resource``)."""
+    return physical_of(resource, not profile.has_host_tier)
 
 
 def compute_unit(resource: str, profile: HardwareProfile) -> ComputeUnit:

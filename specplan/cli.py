@@ -1,7 +1,7 @@
 """The ``specplan`` command. Each subcommand lives in ``specplan/commands/<name>.py`` and exposes ``command``.
 
-Subcommand modules are imported only when listed or run, and import the rooms (planner, simulator, engine)
-inside their functions, so ``specplan search`` never pays for torch.
+Subcommand modules are imported only when listed or run; each parses its options, calls a room (planner,
+simulator, engine, validation) inside its function and prints, so ``specplan search`` never pays for torch.
 """
 
 from __future__ import annotations

@@ -119,6 +119,7 @@ def _with_progress(run):
 
 def _show(name: str, png: str | None) -> None:
     from specplan.catalog import load_profile
+    from specplan.validation.figures import plot_profile
 
     if png is not None and not png.lower().endswith(".png"):
         raise SpecplanError(f"--png {png}: the file name must end in .png")
@@ -230,54 +231,3 @@ def _curve_table(title: str, curves, fmt_x, fmt_y):
         by_x = {pt.x: pt.y.median for pt in c.points}
         t.add_row(label, *(fmt_y(by_x[x]) if x in by_x else "-" for x in xs))
     return t
-
-
-def plot_profile(p, path: Path) -> Path:
-    """Three panels: link bandwidth over transfer size, matmul FLOP/s over rows, roofline (FLOP/s over FLOP/byte)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from specplan.contracts.model import dtype_bytes
-
-    fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 5.2))
-    sizes = np.geomspace(4 << 10, 1 << 30, 60)
-    for name, link in p.links.items():
-        line, = ax_l.plot(sizes, [s / link.time_s(s) for s in sizes], label=name)
-        xs = [pt.x for pt in link.bandwidth_Bps.points]
-        ax_l.plot(xs, [x / link.time_s(x) for x in xs], "o", ms=3, color=line.get_color())
-    ax_l.set(xscale="log", yscale="log", xlabel="transfer size (bytes)", ylabel="bandwidth (B/s)",
-             title="links: size / time_s(size)")
-
-    units = [("device", p.device)] + ([] if p.host == p.device else [("host", p.host)])
-    for label, u in units:
-        for c in u.matmul:
-            tag = f"{label} {c.dtype} {c.k}x{c.n}"
-            xs = [pt.x for pt in c.flops.points]
-            ys = [pt.y.median for pt in c.flops.points]
-            ax_m.plot(xs, ys, "o-", ms=3, label=tag)
-            b = dtype_bytes(c.dtype)
-            intensity = [2 * m * c.k * c.n / (b * (m * c.k + c.k * c.n + m * c.n)) for m in xs]
-            ax_r.plot(intensity, ys, "o-", ms=3, label=tag)
-        ai = np.geomspace(0.1, 1e4, 50)
-        bw = u.memory_bandwidth_Bps.median
-        ax_r.plot(ai, bw * ai, "k--", lw=1, label=f"{label} memory {bw / 1e9:.0f} GB/s x intensity")
-        for d in u.dtypes:
-            ax_r.axhline(u.peak_matmul_flops(d), ls=":", lw=1, color="gray")
-    ax_m.set(xscale="log", yscale="log", xlabel="rows m", ylabel="achieved FLOP/s", title="matmul (F.linear)")
-    top = max(u.peak_matmul_flops(d) for _, u in units for d in u.dtypes)
-    ax_r.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)", ylabel="achieved FLOP/s",
-             title="roofline (dotted: measured peaks)", ylim=(top / 1e4, top * 2))
-    for ax in (ax_l, ax_m, ax_r):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{p.name} ({p.provenance.kind} {p.provenance.created_utc})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

@@ -36,6 +36,13 @@ class Event(Strict):
         return self.end_s - self.start_s
 
 
+def physical_resource(resource: str, shared_memory: bool) -> str:
+    """The resource that really does the work: with shared memory (no GPU), host compute is the device (one CPU)."""
+    if shared_memory and resource == "host_compute":
+        return "device_compute"
+    return resource
+
+
 def merged_busy_s(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of intervals (overlapping work on one resource counts once)."""
     total, cur_s, cur_e = 0.0, None, None

@@ -1,0 +1,143 @@
+"""The validation room's parts without running the engine: which prediction a measured run is compared with, signed
+errors, the grid's families and summary, the calibration file of a run, the demo's speedup lines; and the contracts'
+physical resource and the planner's ``make_ask`` they rely on (``specplan run`` and ``specplan validate`` run them
+end to end in test_run.py and test_validate.py)."""
+
+from __future__ import annotations
+
+import statistics
+from types import SimpleNamespace
+
+import pytest
+from planner_fixtures import GiB, cpu_profile, hand_plan, tiny_moe
+from scipy.stats import spearmanr
+
+from specplan.contracts.calibration import Calibration
+from specplan.contracts.plan import DraftSpec, Workload
+from specplan.contracts.timeline import physical_resource
+from specplan.errors import SpecplanError
+from specplan.jsonio import load, write_json
+from specplan.planner.asking import make_ask
+from specplan.planner.predict import predict
+from specplan.validation.compare import prediction_for, signed_error
+from specplan.validation.demo import speedup_lines
+from specplan.validation.grid import family, grid, summarise
+from specplan.validation.runs import calibration_of, read_prompts
+
+
+def ran(wl: Workload, prompt_len_mean: float | None = None) -> SimpleNamespace:
+    """The part of a ``RunOutput`` that says which workload ran."""
+    meta = {"prompt_len_mean": wl.prompt_len if prompt_len_mean is None else prompt_len_mean, "gen_len": wl.gen_len,
+            "num_prompts": wl.num_prompts}
+    return SimpleNamespace(timeline=SimpleNamespace(meta=meta))
+
+
+@pytest.fixture(scope="module")
+def speculative_plan():
+    plan = hand_plan(tiny_moe(), cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3,
+                     acceptance=0.6)
+    return plan.model_copy(update={"prediction": predict(plan)})
+
+
+def test_signed_error_is_relative_to_the_measurement():
+    assert signed_error(12.0, 10.0) == pytest.approx(0.2)
+    assert signed_error(8.0, 10.0) == pytest.approx(-0.2)
+    assert signed_error(None, 10.0) is None and signed_error(1.0, 0.0) is None and signed_error(1.0, None) is None
+
+
+def test_the_plans_own_prediction_only_for_the_workload_it_was_made_for(speculative_plan):
+    plan = speculative_plan
+    pred, source = prediction_for(plan, ran(plan.workload))
+    assert source == "plan" and pred is plan.prediction
+    longer = plan.workload.model_copy(update={"gen_len": 2 * plan.workload.gen_len})
+    pred, source = prediction_for(plan, ran(longer))
+    assert source.startswith("planner") and pred.total_s > plan.prediction.total_s
+    assert pred == predict(plan.model_copy(update={"workload": longer, "prediction": None}))
+    # the mean prompt length is rounded to the planned one: the plan's prediction still applies
+    assert prediction_for(plan, ran(plan.workload, plan.workload.prompt_len + 0.4))[1] == "plan"
+
+
+def test_a_higher_measured_acceptance_predicts_more_throughput(speculative_plan):
+    plan = speculative_plan
+    low, _ = prediction_for(plan, ran(plan.workload), 0.3)
+    high, source = prediction_for(plan, ran(plan.workload), 0.9)
+    assert source.startswith("planner") and high.decode_tok_s > plan.prediction.decode_tok_s > low.decode_tok_s
+
+
+def test_the_grid_keeps_the_best_plan_of_each_family_in_order():
+    spec, prof = tiny_moe(), cpu_profile()
+    a = hand_plan(spec, prof, num_batches=1, decode_batch=4)
+    b = hand_plan(spec, prof, num_batches=1, decode_batch=2)  # a's family, worse
+    c = hand_plan(spec, prof, num_batches=2, decode_batch=2)
+    d = hand_plan(spec, prof, expert_fetch="layer")
+    assert family(a) == family(b) != family(c)
+    assert grid([a, b, c, d], 10) == [a, c, d]
+    assert grid([a, b, c, d], 2) == [a, c]
+
+
+def test_the_summary_of_a_grid():
+    rows = [{"plan": 0, "chosen": True, "measured_decode_tok_s": 10.0, "predicted_decode_tok_s": 12.0,
+             "signed_error_predicted": 0.2, "signed_error_simulated": -0.1},
+            {"plan": 1, "chosen": False, "measured_decode_tok_s": 15.0, "predicted_decode_tok_s": 11.0,
+             "signed_error_predicted": (11 - 15) / 15, "signed_error_simulated": 0.05},
+            {"plan": 2, "chosen": False, "measured_decode_tok_s": 5.0, "predicted_decode_tok_s": 4.0,
+             "signed_error_predicted": -0.2, "signed_error_simulated": 0.3}]
+    s = summarise(rows)
+    errs = [r["signed_error_predicted"] for r in rows]
+    assert s["plans"] == 3 and s["regret"] == pytest.approx(1.5) and s["best_measured_plan"] == 1
+    assert s["decode_error_predicted"]["median"] == pytest.approx(statistics.median(errs))
+    assert s["decode_error_predicted"]["worst"] == pytest.approx(max(errs, key=abs))
+    assert s["decode_error_simulated"]["worst"] == pytest.approx(0.3)
+    rho = spearmanr([12.0, 11.0, 4.0], [10.0, 15.0, 5.0]).statistic
+    assert s["spearman_predicted_vs_measured"] == pytest.approx(rho)
+    assert summarise(rows[:2])["spearman_predicted_vs_measured"] is None  # two plans: no rank correlation
+
+
+def test_a_runs_measured_acceptance_becomes_a_calibration_file(speculative_plan, tmp_path):
+    acc = {"measured": 0.55, "proposed_tokens": 300, "accepted_tokens": 165, "sequence_rounds": 100, "draft_len": 3}
+    path = write_json(tmp_path / "calibration.json", calibration_of(speculative_plan, acc, tmp_path))
+    rec = load(Calibration, path).acceptance[0]
+    assert rec.acceptance == 0.55 and rec.proposed_tokens == 300 and rec.accepted_tokens == 165
+    assert rec.draft == speculative_plan.draft.label and rec.target == speculative_plan.model.name
+    assert "100 sequence-rounds of 3 proposals" in rec.source
+
+
+def test_the_demo_speedup_is_best_over_baseline():
+    best = {"policy": {"draft_len": 4}, "measured": {"decode_tok_s": 6.0, "e2e_tok_s": 3.0},
+            "predicted": {"decode_tok_s": 8.0, "e2e_tok_s": 4.0}}
+    base = {"policy": {"draft_len": 0}, "measured": {"decode_tok_s": 4.0, "e2e_tok_s": 2.0},
+            "predicted": {"decode_tok_s": 4.0, "e2e_tok_s": 4.0}}
+    lines = speedup_lines({"best": best, "baseline": base})
+    assert "draft length 4" in lines[0] and "decode-only: measured 1.50x" in lines[0] and "predicted 2.00x" in lines[0]
+    assert "end-to-end: measured 1.50x" in lines[1] and "predicted 1.00x" in lines[1]
+
+
+def test_prompts_as_text_or_jsonl(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("one\n\n  two  \n")
+    assert read_prompts(text) == ["one", "two"]
+    jl = tmp_path / "p.txt.jsonl"
+    jl.write_text('{"prompt": "a"}\n{"prompt": "b c"}\n')
+    assert read_prompts(jl) == ["a", "b c"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(SpecplanError, match="line 2 is not JSON"):
+        read_prompts(tmp_path / "bad.jsonl")
+    assert read_prompts(None)[0].startswith("Explain in simple terms")
+
+
+def test_without_a_gpu_host_compute_is_the_device():
+    assert physical_resource("host_compute", shared_memory=True) == "device_compute"
+    assert physical_resource("host_compute", shared_memory=False) == "host_compute"
+    assert physical_resource("disk_read", shared_memory=True) == "disk_read"
+
+
+def test_make_ask_turns_gib_into_bytes_and_checks_shared_memory(tmp_path):
+    ask = make_ask("mixtral-8x7b", 24, 64, 500, "t4", ("none",), None, None, 512, 128, 256, 5, "specplan search")
+    cap = ask.capacities
+    assert (cap.device_bytes, cap.host_bytes, cap.disk_bytes) == (24 * GiB, 64 * GiB, 500 * GiB)
+    assert [d.label for d in ask.drafts] == ["none"] and ask.workload.num_prompts == 256 and ask.model_path is None
+    prof = write_json(tmp_path / "cpu.json", cpu_profile())
+    shared = make_ask("mixtral-8x7b", 1, None, None, str(prof), ("none",), None, None, 8, 8, 1, 1)
+    assert shared.capacities.host_bytes is None
+    with pytest.raises(SpecplanError, match="exceeds this machine's memory"):
+        make_ask("mixtral-8x7b", 10_000, None, None, str(prof), ("none",), None, None, 8, 8, 1, 1)

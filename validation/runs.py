@@ -1,0 +1,171 @@
+"""Run a plan file on its model and compare: the work of ``specplan run`` (and of the demo's runs).
+
+``run_plan_file`` loads the plan, reads the prompts, opens the weights, runs the engine, compares with the planner
+(``compare.comparison``) and writes result.json, outputs.jsonl, timeline.json, trace.json, gantt.png and, for a
+speculative plan, calibration.json (the measured acceptance, for ``specplan search --calibration``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from specplan.contracts.calibration import AcceptanceRecord, Calibration
+from specplan.contracts.plan import Plan
+from specplan.errors import SpecplanError
+from specplan.jsonio import load, write_atomic, write_json
+
+
+@dataclass(frozen=True)
+class RunReport:
+    plan: Plan
+    report: dict[str, Any]  # the result.json body
+    written: list[Path]
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecplanError(f"{p}: no such {what} file" + (" (it is a folder)" if p.is_dir() else ""))
+    return p
+
+
+def bundled_prompts() -> Path:
+    return Path(str(resources.files("specplan.profiles").joinpath("prompts/default.txt")))
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped) or JSONL (a "prompt" key per line)."""
+    p = existing_file(path, "prompts") if path else bundled_prompts()
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecplanError(f"{p}: cannot read the prompts ({e}); pass a UTF-8 text or JSONL file") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise SpecplanError(f"{p}: no prompts in the file; write one prompt per line")
+    if p.suffix != ".jsonl" and not lines[0].startswith("{"):
+        return lines
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecplanError(f"{p}: line {n} is not JSON ({e.msg}); JSONL prompts need one object per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise SpecplanError(f"{p}: line {n} has no \"prompt\" text; JSONL prompts need a \"prompt\" key")
+        out.append(obj["prompt"])
+    return out
+
+
+def open_model(plan: Plan, model_dir: str | None):
+    """The checkpoint to run: ``model_dir`` (checked against the plan), or the folder the plan was made for."""
+    from specplan.engine.execute.runtime import check_same_architecture
+    from specplan.engine.model.checkpoint import open_checkpoint
+
+    if model_dir is None:
+        if plan.model.path is None:
+            raise SpecplanError(f"the plan is for the catalog model '{plan.model.name}', whose weights are not here; "
+                                f"pass --model DIR with the weights of {plan.model.name}")
+        if not Path(plan.model.path).is_dir():
+            raise SpecplanError(f"the plan's model folder {plan.model.path} does not exist here; pass --model DIR "
+                                f"with the weights of {plan.model.name}")
+        model_dir = plan.model.path
+    ckpt = open_checkpoint(model_dir)
+    check_same_architecture(plan.model.spec, ckpt.spec, f"--model {model_dir}")
+    return ckpt
+
+
+def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_dir: str | None = None,
+                  prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
+                  num_prompts: int | None = None, stop_at_eos: bool = False,
+                  out_dir: str | Path | None = None) -> RunReport:
+    """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
+    prompts repeated to ``num_prompts``), compare with the prediction and write the result files."""
+    from specplan.engine.execute.runtime import refuse_speculative
+
+    plan = load(Plan, existing_file(plan_file, "plan"))
+    refuse_speculative(plan)
+    new_tokens = max_new_tokens or plan.workload.gen_len
+    n_prompts = num_prompts or plan.workload.num_prompts
+    texts = read_prompts(prompts_file)
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+    out = Path(out_dir) if out_dir else Path("results") / f"{Path(plan_file).stem}-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
+    ckpt = open_model(plan, model_dir)
+    return _run(plan, ckpt, [texts[i % len(texts)] for i in range(n_prompts)], min(len(texts), n_prompts),
+                new_tokens, stop_at_eos, out, draft_dir)
+
+
+def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,
+         draft_dir: str | None) -> RunReport:
+    from tqdm import tqdm
+
+    from specplan.engine.execute.runtime import run_plan
+    from specplan.validation.compare import comparison
+
+    tok = ckpt.tokenizer()
+    prompts = [tok(t)["input_ids"] for t in texts]
+    if any(not p for p in prompts):
+        raise SpecplanError("a prompt encodes to no tokens; remove empty prompts from the file")
+    eos = eos_ids(ckpt, tok)
+    with tqdm(total=0, unit="B", unit_scale=True, desc="converting to the offload layout", leave=False,
+              disable=None) as conv, \
+            tqdm(total=len(prompts) * new_tokens, unit="tok", desc="generating", disable=None) as bar:
+        def on_convert(n: int) -> None:
+            conv.total = None
+            conv.update(n)
+
+        result = run_plan(plan, ckpt, prompts, new_tokens, stop_at_eos=stop_at_eos, eos_ids=eos,
+                          on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir)
+    report = comparison(plan, result)
+    report["prompts_distinct"] = distinct
+    report["stop"] = "at EOS or max_new_tokens" if stop_at_eos else "max_new_tokens (EOS ignored)"
+    return RunReport(plan, report, write_run(out, plan, result, report, texts, tok))
+
+
+def eos_ids(ckpt, tok) -> list[int]:
+    """The end-of-sequence ids of the checkpoint's config and of its tokenizer."""
+    eos = ckpt.spec.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok) -> list[Path]:
+    """The result files of one run; returns their paths (calibration.json first when there is one)."""
+    from specplan.trace import write_chrome_trace, write_gantt_png, write_timeline
+
+    rows = [json.dumps({"index": s.index, "prompt": texts[s.index], "prompt_tokens": len(s.prompt),
+                        "generated_text": tok.decode(s.generated, skip_special_tokens=True),
+                        "token_ids": s.generated}, ensure_ascii=False) for s in result.seqs]
+    pol = plan.policy
+    title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {report['workload']['gen_len']} tokens, "
+             f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}")
+    written = []
+    acc = report.get("acceptance")
+    if acc is not None and acc["measured"] is not None:
+        written.append(write_json(out / "calibration.json", calibration_of(plan, acc, out)))
+    return written + [
+        write_json(out / "result.json", report),
+        write_atomic(out / "outputs.jsonl", "\n".join(rows) + "\n"),
+        write_timeline(result.timeline, out / "timeline.json"),
+        write_chrome_trace(result.timeline, out / "trace.json"),
+        write_gantt_png(result.timeline, out / "gantt.png", title=title),
+    ]
+
+
+def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
+    """The measured acceptance (``acceptance_report``) as a calibration file that ``specplan search
+    --calibration`` reads."""
+    rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, acceptance=acc["measured"],
+                           proposed_tokens=acc["proposed_tokens"], accepted_tokens=acc["accepted_tokens"],
+                           source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
+                                  f"{acc['draft_len']} proposals, greedy verification")
+    return Calibration(created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), acceptance=[rec])

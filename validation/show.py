@@ -1,0 +1,96 @@
+"""The tables ``specplan run`` and ``specplan validate`` print: predicted vs measured, signed errors, busy time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def show_written(paths: list[Path]) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def show_run(plan, r: dict) -> None:
+    """The predicted-vs-measured tables of one run (``RunReport.report``), as ``specplan run`` prints them."""
+    from rich.table import Table
+
+    from specplan.fmt import console, human_bytes, human_seconds
+
+    out = console()
+    wl, m, p, err = r["workload"], r["measured"], r["predicted"], r["signed_error"]
+    out.print(f"[bold]ran {plan.model.name}[/bold]: {wl['num_prompts']} prompts ({r['prompts_distinct']} distinct) x "
+              f"{wl['gen_len']} tokens, prompt length {wl['prompt_len_mean']:.1f} mean ({wl['prompt_len_min']}-"
+              f"{wl['prompt_len_max']}; the plan assumed {wl['planned_prompt_len']}); stop: {r['stop']}; "
+              f"compute {r['compute_dtype']}; disk reads "
+              + ("none" if r["o_direct"] is None else "O_DIRECT" if r["o_direct"] else "buffered + fadvise(DONTNEED)"))
+    t = Table(title=f"predicted ({r['prediction_source']}) vs measured")
+    for col in ("", "predicted", "measured", "(pred - meas) / meas"):
+        t.add_column(col, justify="left" if not col else "right")
+
+    def row(label: str, key: str, fmt) -> None:
+        e = err.get(key)
+        t.add_row(label, fmt(p[key]), fmt(m[key]), f"{e:+.1%}" if e is not None else "-")
+
+    def rate(x: float) -> str:
+        return f"{x:.2f} tok/s"
+
+    row("decode-only throughput", "decode_tok_s", rate)
+    row("end-to-end throughput", "e2e_tok_s", rate)
+    row("time to first token", "ttft_s", human_seconds)
+    row("prefill", "prefill_s", human_seconds)
+    row("decode", "decode_s", human_seconds)
+    row("total", "total_s", human_seconds)
+    out.print(t)
+    u = Table(title="busy time per resource (whole run)")
+    for col in ("resource", "predicted", "measured", "(pred - meas) / meas", "busy in decode"):
+        u.add_column(col, justify="left" if col == "resource" else "right")
+    pb = p["busy_s"]
+    for res in sorted(set(pb) | set(m["busy_s"])):
+        e = err.get("busy_s", {}).get(res)
+        frac = m["decode_busy_fraction"].get(res)
+        u.add_row(res, human_seconds(pb[res]) if res in pb else "-", human_seconds(m["busy_s"].get(res, 0.0)),
+                  f"{e:+.1%}" if e is not None else "-", f"{frac:.0%}" if frac is not None else "-")
+    out.print(u)
+    acc = r.get("acceptance")
+    if acc is not None:
+        measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
+        line = (f"draft acceptance per token: assumed {acc['assumed']:.3f}, measured {measured} over "
+                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals; tokens per sequence and "
+                f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
+                f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
+        at = r.get("predicted_at_measured_acceptance")
+        if at is not None:
+            e = r["signed_error_at_measured_acceptance"]["decode_tok_s"]
+            line += (f", {acc['tokens_per_seq_round_expected_at_measured']:.2f} at the measured one; predicted at "
+                     f"the measured acceptance: {at['decode_tok_s']:.2f} tok/s decode-only ({e:+.1%})")
+        out.print(line)
+    caps = r["capacity_bytes"]
+    out.print("peak resident bytes (allocated): " + "; ".join(
+        f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
+        for tier, v in r["peak_bytes"].items()) + f"; process max RSS {human_bytes(r['max_rss_bytes'])}")
+
+
+def show_grid(rows: list[dict], s: dict) -> None:
+    """The validate grid's table (``grid.row``) and its summary (``grid.summarise``)."""
+    from rich.table import Table
+
+    from specplan.fmt import console
+
+    t = Table(title="decode-only throughput: predicted, simulated, measured (tok/s)")
+    for col in ("plan", "draft", "batches", "fetch", "predicted", "simulated", "measured", "pred err", "sim err"):
+        t.add_column(col, justify="left" if col in ("draft", "fetch") else "right")
+    for r in rows:
+        t.add_row(f"{r['plan']}{' (chosen)' if r['chosen'] else ''}",
+                  f"{r['draft']}" + (f" g={r['draft_len']}" if r["draft_len"] else ""),
+                  f"{r['num_batches']}x{r['decode_batch']}", r["expert_fetch"], f"{r['predicted_decode_tok_s']:.2f}",
+                  f"{r['simulated_decode_tok_s']:.2f}", f"{r['measured_decode_tok_s']:.2f}",
+                  f"{r['signed_error_predicted']:+.1%}", f"{r['signed_error_simulated']:+.1%}")
+    con = console()
+    con.print(t)
+    p, m = s["decode_error_predicted"], s["decode_error_simulated"]
+    rho = s["spearman_predicted_vs_measured"]
+    con.print(f"signed error of the prediction: median {p['median']:+.1%} (median |error| {p['median_abs']:.1%}), "
+              f"worst {p['worst']:+.1%}; of the simulation: median {m['median']:+.1%}, worst {m['worst']:+.1%}")
+    con.print(f"rank correlation of predicted and measured (Spearman): "
+              f"{'-' if rho is None else f'{rho:.2f}'}; regret of the planner's choice (best measured / chosen "
+              f"measured): {s['regret']:.2f} (the fastest measured: plan {s['best_measured_plan']})")
