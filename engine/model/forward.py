@@ -26,7 +26,7 @@ from typing import ContextManager, Protocol
 import torch
 import torch.nn.functional as F
 
-from specplan.contracts.memory import causal_positions, kv_bytes
+from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -410,8 +410,8 @@ def generate(spec: ModelSpec, src: WeightSource, prompts: Sequence[Sequence[int]
     from specplan.engine.model.kvcache import KVCache
 
     if kv is None:
-        kv = KVCache.allocate(spec, len(prompts), max(len(p) for p in prompts) + max_new_tokens,
-                              dtype or torch.float32)
+        capacity = kv_capacity(max(len(p) for p in prompts), max_new_tokens, 0)
+        kv = KVCache.allocate(spec, len(prompts), capacity, dtype or torch.float32)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -117,11 +117,11 @@ class ModelSpec(BaseModel):
 
     def param_counts(self) -> dict[str, int]:
         """Stored parameters per weight group (``WEIGHT_GROUPS``), over all layers."""
-        return self.tensors.group_params()
+        return dict(self.tensors.group_params)
 
     def active_param_counts(self) -> dict[str, int]:
         """Parameters one token touches, per weight group (routed experts: ``experts_per_token`` of them)."""
-        return self.tensors.group_params(self.experts_per_token)
+        return dict(self.tensors.active_group_params)
 
     @property
     def total_params(self) -> int:
@@ -156,7 +156,7 @@ class ModelSpec(BaseModel):
         Counts the projection, FFN, router and output-head matrices (the head also when tied to the embedding);
         not the embedding lookup, norms or biases.
         """
-        return 2 * self.tensors.active_matmul_params(self.experts_per_token)
+        return 2 * self.tensors.active_matmul_params
 
     def attention_flops_per_token(self, context_len: int) -> int:
         """Score and weighted-sum FLOPs of one new token attending to ``context_len`` positions, all layers."""

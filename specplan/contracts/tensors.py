@@ -73,6 +73,7 @@ class TensorTable:
     tensors: tuple[WeightTensor, ...]
     optional: tuple[WeightTensor, ...]  # tolerated in a checkpoint, not part of the model (the forward ignores them)
     tied_head: bool  # the output head multiplies by the embedding
+    experts_per_token: int  # routed experts one token goes through, per MoE layer (0 for a dense model)
 
     @cached_property
     def by_name(self) -> dict[str, WeightTensor]:
@@ -106,19 +107,32 @@ class TensorTable:
         """The matrix the output head multiplies by: ``lm_head``, or the embedding when tied."""
         return self.by_name["embed" if self.tied_head else "lm_head"]
 
-    def group_params(self, active_experts: int | None = None) -> dict[str, int]:
-        """Parameters per weight group (every group of ``WEIGHT_GROUPS``); with ``active_experts``, only that many
-        routed experts per MoE layer (the parameters one token touches)."""
+    def _active(self, t: WeightTensor) -> bool:
+        """Whether one token touches ``t``: every tensor but the routed experts past ``experts_per_token`` (all
+        experts are alike, so the first ones stand for those a token is routed to)."""
+        return t.expert is None or t.expert < self.experts_per_token
+
+    @cached_property
+    def group_params(self) -> dict[str, int]:
+        """Stored parameters per weight group (every group of ``WEIGHT_GROUPS``)."""
         out = dict.fromkeys(WEIGHT_GROUPS, 0)
         for t in self.tensors:
-            if active_experts is None or t.expert is None or t.expert < active_experts:
+            out[t.group] += t.params
+        return out
+
+    @cached_property
+    def active_group_params(self) -> dict[str, int]:
+        """Parameters one token touches, per weight group (``experts_per_token`` routed experts per MoE layer)."""
+        out = dict.fromkeys(WEIGHT_GROUPS, 0)
+        for t in self.tensors:
+            if self._active(t):
                 out[t.group] += t.params
         return out
 
-    def active_matmul_params(self, active_experts: int) -> int:
-        """Matrix parameters one token is multiplied by: ``active_experts`` routed experts per MoE layer, and the
-        output head (also when tied to the embedding)."""
-        n = sum(t.params for t in self.tensors if t.matmul and (t.expert is None or t.expert < active_experts))
+    @cached_property
+    def active_matmul_params(self) -> int:
+        """Matrix parameters one token is multiplied by, the output head included (also when tied)."""
+        n = sum(t.params for t in self.tensors if t.matmul and self._active(t))
         return n + (self.head.params if self.tied_head else 0)
 
 
@@ -127,7 +141,7 @@ def tensor_table(spec: ModelSpec) -> TensorTable:
     stored, optional = [], []
     for t, is_stored in _all_tensors(spec):
         (stored if is_stored else optional).append(t)
-    return TensorTable(tuple(stored), tuple(optional), spec.tie_word_embeddings)
+    return TensorTable(tuple(stored), tuple(optional), spec.tie_word_embeddings, spec.experts_per_token)
 
 
 def _all_tensors(spec: ModelSpec) -> Iterator[tuple[WeightTensor, bool]]:
