@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.memory import kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Capacities, Plan, Workload
 from specplan.planner.drafts import DraftChoice
@@ -75,5 +76,5 @@ def shape_for(ask: Ask, draft: DraftChoice, g: int, nb: int, batch: int, prefill
     rounds = sum(expected_rounds(draft.acceptance, g, wl.gen_len - 1, n) for n in sizes)
     return Shape(decode_batch=batch, num_batches=nb, prefill_batch=prefill, draft_len=g,
                  rounds=rounds, prefill_passes=sum(math.ceil(n / prefill) for n in sizes),
-                 decode_context=wl.prompt_len + wl.gen_len // 2, capacity=wl.prompt_len + wl.gen_len + g,
+                 decode_context=wl.prompt_len + wl.gen_len // 2, capacity=kv_capacity(wl.prompt_len, wl.gen_len, g),
                  prompt_len=wl.prompt_len)

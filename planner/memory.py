@@ -6,6 +6,8 @@ The LP (``lp.py``) uses the same per-unit functions, so a plan the search accept
 
 from __future__ import annotations
 
+from specplan.contracts.memory import activation_bytes as pass_activation_bytes
+from specplan.contracts.memory import kv_capacity
 from specplan.contracts.plan import TIERS, Plan
 from specplan.planner.kinds import POOLS, draft_tiers
 from specplan.planner.units import Costing, Pass, unit_ops
@@ -22,25 +24,16 @@ def unit_weight_bytes(c: Costing, unit: str) -> float:
     return c.sizes.get(unit, 0.0) if unit != "kv" else 0.0
 
 
-def kv_bytes(c: Costing, seqs: int, capacity: int) -> float:
-    """KV cache of one layer for ``seqs`` sequences of ``capacity`` positions (allocated up front)."""
-    return seqs * capacity * c.kv_layer_bytes
-
-
-def draft_kv_bytes(c: Costing, seqs: int, capacity: int) -> float:
-    return seqs * capacity * c.draft_kv_token_bytes
-
-
 def unit_bytes(c: Costing, unit: str, tier: str, seqs: int, capacity: int) -> dict[str, float]:
     """Resident bytes per tier of one unit at ``tier`` (a ``kinds.DraftTier`` for the draft), without the
     substitute copy (``substitute_bytes``)."""
     if unit == "draft":
         w_tier, kv_tier = draft_tiers(tier)
         out = {w_tier: c.draft_bytes}
-        out[kv_tier] = out.get(kv_tier, 0.0) + draft_kv_bytes(c, seqs, capacity)
+        out[kv_tier] = out.get(kv_tier, 0.0) + c.draft_kv_bytes(seqs, capacity)
         return out
     if unit == "kv":
-        return {tier: kv_bytes(c, seqs, capacity)}
+        return {tier: c.kv_layer_bytes(seqs, capacity)}  # allocated up front
     return {tier: unit_weight_bytes(c, unit)}
 
 
@@ -53,18 +46,10 @@ def substitute_bytes(c: Costing, unit: str, tier: str) -> float:
 
 
 def activation_bytes(c: Costing, p: Pass) -> float:
-    """Working memory of one pass: hidden states, q/k/v, FFN intermediates, attention scores, logits (fp32)."""
-    s = c.spec
-    ffn = max(s.intermediate_size if s.dense_layers else 0,
-              s.experts_per_token * s.moe_intermediate_size + s.shared_expert_intermediate_size)
-    per_row = (4 * s.hidden_size + s.q_dim + 2 * s.kv_dim + 2 * ffn) * c.act
-    scores = p.rows * s.num_heads * (p.context + p.tokens) * 4
-    total = p.rows * per_row + scores + p.logit_rows * s.vocab_size * 4
-    d = c.draft_spec
-    if d is not None and p.phase != "prefill":
-        total += p.seqs * ((4 * d.hidden_size + 2 * max(d.intermediate_size, d.moe_intermediate_size)) * c.act
-                           + d.vocab_size * 4)
-    return total
+    """Working memory of pass ``p`` (``specplan.contracts.memory.activation_bytes``); the draft model's only in
+    decode."""
+    draft = c.draft_spec if p.phase != "prefill" else None
+    return pass_activation_bytes(c.spec, c.weight_dtype, p.seqs, p.tokens, p.context, p.logit_rows, draft)
 
 
 def staging_bytes(plan: Plan, p: Pass) -> dict[str, float]:
@@ -113,7 +98,7 @@ def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:
     c = costing_of(plan)
     pol, wl, pl = plan.policy, plan.workload, plan.placement
     seqs = pol.num_batches * pol.decode_batch
-    capacity = wl.prompt_len + wl.gen_len + pol.draft_len
+    capacity = kv_capacity(wl.prompt_len, wl.gen_len, pol.draft_len)
     resident: dict[str, dict[str, float]] = {t: {} for t in TIERS}
 
     def add(item: str, by_tier: dict[str, float]) -> None:
@@ -137,7 +122,7 @@ def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:
     if plan.draft.kind == "model":
         w_tier, kv_tier = pl.draft_weights, pl.draft_kv
         add("draft_weights", {w_tier: c.draft_bytes})
-        add("draft_kv", {kv_tier: draft_kv_bytes(c, seqs, capacity)})
+        add("draft_kv", {kv_tier: c.draft_kv_bytes(seqs, capacity)})
     out: dict[str, dict[str, dict[str, int]]] = {}
     passes = phase_passes(plan)
     for phase in PHASES:

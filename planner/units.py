@@ -6,7 +6,8 @@ unit at a tier costs in one pass (fetches, then compute), with ``count`` identic
 (times are linear in the count). The programs (``program.py``) wire these ops with dependencies; the LP
 (``lp.py``) reads per-resource times off the very same records, so both see one cost model.
 
-Sizes and FLOPs come from ``ModelSpec`` (parameters per tensor; 2 FLOPs per multiply-add).
+Sizes and matmul FLOPs come from the model's tensor table (``spec.tensors``: parameters per placed piece; 2 FLOPs
+per multiply-add), KV bytes and causal positions from ``specplan.contracts.memory``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from specplan.contracts.hardware import HardwareProfile
+from specplan.contracts.memory import causal_positions, kv_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
 from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
@@ -63,34 +65,58 @@ class Costing:
         return self.w
 
     @cached_property
-    def sizes(self) -> dict[str, float]:
-        """Bytes of one unit of each weight kind at the weight dtype."""
-        s, w = self.spec, self.w
-        embed = s.embed_params() * w
+    def params(self) -> dict[str, int]:
+        """Parameters of one unit of each weight kind, from the tensor table (a kind the model lacks: 0)."""
+        s, t = self.spec, self.spec.tensors
+        moe = s.moe_layers[0] if s.moe_layers else None
+        dense = s.dense_layers[0] if s.dense_layers else None
+
+        def at(group: str, layer: int | None, expert: int | None = None) -> int:
+            return 0 if layer is None else t.params(group, layer, expert)
+
         return {
-            "attention": s.attention_params_per_layer() * w,
-            "mlp": s.dense_mlp_params() * w if s.intermediate_size else 0.0,
-            "expert": s.expert_params() * w,
-            "shared": s.shared_expert_params() * w,
-            "embed": embed,
-            "lm_head": embed if s.tie_word_embeddings else s.lm_head_params() * w,
-            "router_norms": (s.router_params() + s.layer_norm_params()) * w,
-            "norms": s.layer_norm_params() * w,
-            "final_norm": s.hidden_size * w,
+            "attention": t.params("attention", 0),
+            "mlp": at("mlp", dense),
+            "expert": at("experts", moe, 0),
+            "shared": at("shared_experts", moe),
+            "embed": t.params("embed"),
+            "lm_head": t.head.params,  # a tied head reads the embedding
+            "router_norms": at("norms_router", moe),
+            "norms": at("norms_router", dense),
+            "final_norm": t.params("norms_router"),
         }
 
     @cached_property
-    def kv_layer_bytes(self) -> float:
-        """KV bytes one token adds to one layer."""
-        return self.spec.kv_bytes_per_token(self.kv_dtype) / self.spec.num_layers
+    def matmul_params(self) -> dict[str, int]:
+        """Matrix parameters one row is multiplied by in one unit of each compute kind (tensor table)."""
+        s, t = self.spec, self.spec.tensors
+        moe = s.moe_layers[0] if s.moe_layers else 0
+        dense = s.dense_layers[0] if s.dense_layers else 0
+        return {
+            "attention": t.matmul_params("attention", 0),
+            "mlp": t.matmul_params("mlp", dense),
+            "expert": t.matmul_params("experts", moe, 0),
+            "shared": t.matmul_params("shared_experts", moe),
+            "router": t.matmul_params("norms_router", moe),
+            "lm_head": t.head.params,
+        }
+
+    @cached_property
+    def sizes(self) -> dict[str, float]:
+        """Bytes of one unit of each weight kind at the weight dtype."""
+        return {kind: n * self.w for kind, n in self.params.items()}
+
+    def kv_layer_bytes(self, seqs: int, positions: int) -> int:
+        """KV bytes of one layer for ``seqs`` sequences of ``positions`` positions, at the KV dtype."""
+        return kv_bytes(self.spec, self.kv_dtype, seqs, positions, layers=1)
 
     @cached_property
     def draft_bytes(self) -> float:
         return self.draft_spec.weight_bytes(self.weight_dtype) if self.draft_spec else 0.0
 
-    @cached_property
-    def draft_kv_token_bytes(self) -> float:
-        return float(self.draft_spec.kv_bytes_per_token(self.kv_dtype)) if self.draft_spec else 0.0
+    def draft_kv_bytes(self, seqs: int, positions: int) -> int:
+        """KV bytes of the draft model (all its layers) for ``seqs`` sequences of ``positions`` positions."""
+        return kv_bytes(self.draft_spec, self.kv_dtype, seqs, positions) if self.draft_spec else 0
 
     def quantised(self, nbytes: float) -> float:
         """Bytes of the substitute copy of ``nbytes`` of weights."""
@@ -128,10 +154,9 @@ class Pass:
         return self.seqs if self.phase == "prefill" else self.rows
 
     @property
-    def positions(self) -> float:
-        """Key positions the new tokens of one sequence attend to (causal): T*c + T(T+1)/2."""
-        t = self.tokens
-        return t * self.context + t * (t + 1) / 2
+    def positions(self) -> int:
+        """Key positions the new tokens of one sequence attend to (causal)."""
+        return causal_positions(self.tokens, self.context)
 
 
 # ---- fetches -----------------------------------------------------------------------------------------------------
@@ -173,9 +198,8 @@ def _weight_bytes(c: Costing, p: Pass, kind: str, tier: str) -> float:
 def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
     s, rows = c.spec, p.rows
     fetch = [] if p.substitute else fetch_ops(c, p, "attn", "attention", n * c.sizes["attention"], tier, calls=n)
-    params = s.hidden_size * s.q_dim * 2 + 2 * s.hidden_size * s.kv_dim
     act = rows * (2 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim) * c.act
-    compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * params,
+    compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
                  bytes=n * (_weight_bytes(c, p, "attention", tier) + act), shape=(rows, s.hidden_size, s.q_dim),
                  dtype=c.weight_dtype, calls=n * CALLS["attn_proj"], group="attention", phase=p.phase, batch=p.batch,
                  overheads=(("per_layer_s", n),) + _handoff(fetch, n))
@@ -187,8 +211,8 @@ def kv_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
     s = c.spec
     common = dict(group="kv_cache", phase=p.phase, batch=p.batch)
     flops = n * p.seqs * s.attention_flops_per_token(1) / s.num_layers * p.positions
-    kv_read = n * p.seqs * (p.context + p.tokens) * c.kv_layer_bytes
-    kv_new = n * p.rows * c.kv_layer_bytes
+    kv_read = n * c.kv_layer_bytes(p.seqs, p.context + p.tokens)
+    kv_new = n * c.kv_layer_bytes(p.seqs, p.tokens)
     shape = (p.rows, s.head_dim, p.context + p.tokens)
 
     def attn(resource: str, extra: tuple = ()) -> Op:
@@ -208,7 +232,7 @@ def kv_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
                 attn("host_compute"),
                 Op("attn_out_h2d", "h2d", "transfer", bytes=out, calls=n, on_demand=True, **common)]
     # the cache streams to the device every pass, the new entries go back
-    fetch = [Op("kv_h2d", "h2d", "transfer", bytes=n * p.seqs * p.context * c.kv_layer_bytes, calls=n,
+    fetch = [Op("kv_h2d", "h2d", "transfer", bytes=n * c.kv_layer_bytes(p.seqs, p.context), calls=n,
                 slot=("device", 0), **common)]
     return fetch + [attn("device_compute", _handoff(fetch, n)),
                     Op("kv_writeback", "d2h", "transfer", bytes=kv_new, calls=n, **common)]
@@ -218,11 +242,10 @@ def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -
     """The dense MLP (``kind="mlp"``) or the shared expert (``"shared"``) of a layer: all tokens go through it."""
     s, rows = c.spec, p.rows
     width = s.intermediate_size if kind == "mlp" else s.shared_expert_intermediate_size
-    params = 3 * s.hidden_size * width + (s.hidden_size if kind == "shared" else 0)
     group = "mlp" if kind == "mlp" else "shared_experts"
     fetch = [] if p.substitute else fetch_ops(c, p, kind, group, n * c.sizes[kind], tier, calls=n)
     act = rows * (2 * s.hidden_size + 2 * width) * c.act
-    compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * params,
+    compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params[kind],
                  bytes=n * (_weight_bytes(c, p, kind, tier) + act), shape=(rows, s.hidden_size, width),
                  dtype=c.weight_dtype, calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
                  overheads=_handoff(fetch, n))
@@ -243,7 +266,7 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
         prob=prob if routed else 1.0, on_demand=routed, calls=n)
     act = m * (2 * s.hidden_size + 2 * s.moe_intermediate_size) * c.act
     compute = Op(name, "host_compute" if on_host else "device_compute", "matmul",
-                 flops=n * 2 * m * 3 * s.hidden_size * s.moe_intermediate_size,
+                 flops=n * 2 * m * c.matmul_params["expert"],
                  bytes=n * (_weight_bytes(c, p, "expert", tier) + act), shape=(m, s.hidden_size, s.moe_intermediate_size),
                  dtype=c.weight_dtype, calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
     if not on_host:
@@ -268,7 +291,7 @@ def lm_head_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
     s = c.spec
     fetch = [] if p.substitute else fetch_ops(c, p, "lm_head", "lm_head", c.sizes["lm_head"], tier)
     rows = p.logit_rows
-    compute = Op("lm_head", "device_compute", "matmul", flops=2 * rows * s.hidden_size * s.vocab_size,
+    compute = Op("lm_head", "device_compute", "matmul", flops=2 * rows * c.matmul_params["lm_head"],
                  bytes=_weight_bytes(c, p, "lm_head", tier) + c.sizes["final_norm"] + rows * s.vocab_size * 4,
                  shape=(rows, s.hidden_size, s.vocab_size), dtype=c.weight_dtype, calls=CALLS["lm_head"],
                  group="lm_head", phase=p.phase, batch=p.batch, overheads=(("per_step_s", 1),) + _handoff(fetch))
@@ -277,7 +300,7 @@ def lm_head_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
 
 def router_op(c: Costing, p: Pass, n: float = 1) -> Op:
     s, rows = c.spec, p.rows
-    return Op("router", "device_compute", "matmul", flops=n * 2 * rows * s.hidden_size * s.num_experts,
+    return Op("router", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["router"],
               bytes=n * (c.sizes["router_norms"] + 2 * rows * s.hidden_size * c.act),
               shape=(rows, s.hidden_size, s.num_experts), dtype=c.weight_dtype, calls=n * CALLS["router"],
               group="norms_router", phase=p.phase, batch=p.batch)
@@ -298,7 +321,7 @@ def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = Non
     unit = {"device": "device_compute", "host": "host_compute"}
     tag = "draft" if step is None else f"draft{step}"
     common = dict(group="draft", phase=p.phase, batch=p.batch)
-    head = 2 * d.hidden_size * d.vocab_size
+    head = 2 * d.tensors.head.params
     flops = p.rows * (d.matmul_flops_per_token() - head) + p.logit_rows * head
     act = p.rows * (4 * d.hidden_size + 2 * max(d.intermediate_size, d.moe_intermediate_size)) * c.act
     ops = [Op(f"{tag}.matmuls", unit[w_tier], "matmul", flops=flops,
@@ -306,9 +329,7 @@ def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = Non
               shape=(p.rows, d.hidden_size, max(d.intermediate_size, d.moe_intermediate_size, 1)),
               dtype=c.weight_dtype, calls=7 * d.num_layers + 1,
               overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common)]
-    kv = p.seqs * (p.context + p.tokens) * c.draft_kv_token_bytes
-    if p.phase == "prefill":
-        kv = p.rows * c.draft_kv_token_bytes
+    kv = c.draft_kv_bytes(p.seqs, p.tokens if p.phase == "prefill" else p.context + p.tokens)
     attention = Op(f"{tag}.attention", unit[kv_tier if not c.shared else "device"], "attention",
                    flops=p.seqs * d.attention_flops_per_token(1) * p.positions, bytes=kv,
                    shape=(p.rows, d.head_dim, p.context + p.tokens), dtype=c.weight_dtype, calls=d.num_layers,

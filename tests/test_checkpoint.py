@@ -11,7 +11,7 @@ import torch
 from engine_fixtures import ALL_FAMILIES, MOE_FAMILIES, hf_logits
 from safetensors.torch import load_file, save_file
 
-from specplan.engine.model.checkpoint import open_checkpoint, read_tensor, tensor_group
+from specplan.engine.model.checkpoint import open_checkpoint, read_tensor
 from specplan.engine.model.kvcache import KVCache
 from specplan.engine.model.forward import MemorySource, forward
 from specplan.errors import SpecplanError
@@ -22,7 +22,8 @@ def test_groups_match_model_spec_param_counts(tiny_model, family):
     ckpt = open_checkpoint(tiny_model(family))
     counts: dict[str, int] = {}
     for name, ref in ckpt.tensors.items():
-        counts[tensor_group(name)] = counts.get(tensor_group(name), 0) + int(torch.Size(ref.shape).numel())
+        group = ckpt.spec.tensors.by_name[name].group
+        counts[group] = counts.get(group, 0) + int(torch.Size(ref.shape).numel())
     expected = {g: n for g, n in ckpt.spec.param_counts().items() if n}
     assert counts == expected
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from engine_fixtures import ALL_FAMILIES, MOE_FAMILIES, hf_greedy, hf_logits, hf_model
 
+from specplan.contracts.memory import kv_bytes
 from specplan.engine.model.checkpoint import open_checkpoint
 from specplan.engine.model.kvcache import KVCache
 from specplan.engine.model.forward import MemorySource, decode_one_token, forward, generate, prefill
@@ -215,7 +216,7 @@ def test_kv_capacity_is_checked(tiny_model):
     with pytest.raises(SpecplanError, match="KV cache full: sequence 0 needs 7 positions, capacity is 6"):
         forward(spec, src, kv, torch.tensor([[1, 2], [3, 4]]))
     assert kv.lengths.tolist() == [5, 1]  # nothing written
-    assert KVCache.bytes_for(spec, 2, 6) == kv.bytes()
+    assert kv_bytes(spec, "float32", 2, 6) == kv.bytes()  # the budget's formula is what allocate takes
 
 
 def test_low_precision_kv_cache(tiny_model):
@@ -285,5 +286,5 @@ def test_padding_is_not_routed(tiny_model):
     tr = Recorder()
     kv = KVCache.allocate(spec, 2, 16)
     forward(spec, src, kv, torch.tensor([[5, 0, 0, 0, 0, 0], [6, 7, 0, 0, 0, 0]]), torch.tensor([1, 2]), tracer=tr)
-    routed_rows = sum(s[3] for s in tr.spans if ".E" in s[0]) / (2 * spec.expert_params())
+    routed_rows = sum(s[3] for s in tr.spans if ".E" in s[0]) / (2 * spec.tensors.matmul_params("experts", 0, 0))
     assert routed_rows == spec.num_layers * 3 * spec.experts_per_token  # 3 real tokens, top-2 each, per layer

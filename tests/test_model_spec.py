@@ -59,7 +59,7 @@ def test_mixtral_8x22b_derived_numbers():
     assert s.kv_bytes_per_token() == 2 * 56 * 8 * 128 * 2 == 229_376
     assert s.kv_bytes_per_token("float32") == 2 * s.kv_bytes_per_token()
     # one expert: 3 x 6144 x 16384 parameters
-    assert s.expert_params() == 3 * 6144 * 16384
+    assert s.tensors.params("experts", 0, 0) == 3 * 6144 * 16384
     assert s.expert_bytes() == 2 * 3 * 6144 * 16384
     g = s.group_bytes("bfloat16")
     assert g["experts"] == 56 * 8 * 2 * 3 * 6144 * 16384
@@ -69,13 +69,13 @@ def test_mixtral_8x22b_derived_numbers():
     assert s.weight_bytes("int4") * 2 == s.weight_bytes("int8")
     # FLOPs: 2 per active matmul parameter (embedding lookup and norms excluded) + 4 * q_dim * ctx per layer
     norms = 56 * 2 * 6144 + 6144
-    assert s.matmul_flops_per_token() == 2 * (s.active_params - s.embed_params() - norms)
+    assert s.matmul_flops_per_token() == 2 * (s.active_params - s.tensors.params("embed") - norms)
     assert s.flops_per_token(1000) - s.flops_per_token(0) == 4 * 56 * 6144 * 1000
 
 
 def test_tied_embeddings_are_counted_once_but_used_as_head():
     s = load_model_spec("smollm2-135m")
-    assert s.tie_word_embeddings and s.lm_head_params() == 0
+    assert s.tie_word_embeddings and "lm_head" not in s.tensors.by_name
     norms = 30 * 2 * 576 + 576
     assert s.matmul_flops_per_token() == 2 * (s.active_params - norms)  # the tied head is a matmul, the lookup not
 
@@ -117,8 +117,8 @@ def test_qwen2_moe_dense_layers():
     cfg = _tiny_configs()["qwen2_moe"]
     s = ModelSpec.from_hf_config(cfg)
     assert s.moe_layers == (0, 2) and s.dense_layers == (1,)
-    assert s.param_counts()["mlp"] == s.dense_mlp_params()
-    assert s.param_counts()["shared_experts"] == 2 * s.shared_expert_params()
+    assert s.param_counts()["mlp"] == s.tensors.params("mlp", 1) == 3 * 64 * 96
+    assert s.param_counts()["shared_experts"] == 2 * s.tensors.params("shared_experts", 0) == 2 * (3 * 64 * 48 + 64)
 
 
 def test_model_folder_and_file_paths(tmp_path):

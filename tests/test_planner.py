@@ -204,15 +204,15 @@ def test_memory_accounting():
     plan = hand_plan(spec, prof, experts=["device", "disk", "disk", "disk"], decode_batch=4, num_batches=2)
     t = tier_bytes(plan)["decode"]
     w = 4  # float32 on a CPU
-    assert t["device"]["experts"] == 2 * spec.expert_params() * w
-    assert t["disk"]["experts"] == 6 * spec.expert_params() * w
+    assert t["device"]["experts"] == 2 * spec.tensors.params("experts", 0, 0) * w
+    assert t["disk"]["experts"] == 6 * spec.tensors.params("experts", 0, 0) * w
     assert t["device"]["kv_cache"] == 2 * 4 * (64 + 16) * spec.kv_bytes_per_token("float32")
-    assert t["device"]["staging"] == 2 * 3 * spec.expert_params() * w  # two slots of a layer's three streamed experts
+    assert t["device"]["staging"] == 2 * 3 * spec.tensors.params("experts", 0, 0) * w  # two slots of a layer's three streamed experts
     total = sum(v for tier in t.values() for k, v in tier.items() if k not in ("kv_cache", "staging", "activations"))
     assert total == spec.weight_bytes("float32")
     sub = hand_plan(spec, prof, experts=["device", "disk", "disk", "disk"], draft=DraftSpec(kind="substitute", bits=4),
                     draft_len=2, acceptance=0.9)
-    assert tier_bytes(sub)["decode"]["device"]["substitute"] == 6 * spec.expert_params() // 2  # int4 of 6 experts
+    assert tier_bytes(sub)["decode"]["device"]["substitute"] == 6 * spec.tensors.params("experts", 0, 0) // 2  # int4 of 6 experts
     drafted = hand_plan(spec, prof, draft=DraftSpec(kind="model", name="d", spec=tiny_dense(layers=1)), draft_len=2,
                         acceptance=0.7)
     t = tier_bytes(drafted)["decode"]["device"]

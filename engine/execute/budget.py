@@ -4,14 +4,14 @@ allocated, and what it held (reported after the run).
 Per tier: resident weights at the compute dtype (from the checkpoint's shapes), the KV caches of one wave (every
 interleaved batch, ``decode_batch`` rows of ``capacity`` positions, per layer on its tier), the draft model's
 weights and KV caches (on their plan tiers), the staging buffers
-(prefetch ring + routed-expert pool, on the device), and activations (the planner's estimate of one pass's working
-memory, ``planner.memory.activation_bytes`` — one formula for planner and engine).
+(prefetch ring + routed-expert pool, on the device), and activations (one pass's working memory). KV and activation
+bytes come from ``specplan.contracts.memory``, the same functions the planner calls.
 """
 
 from __future__ import annotations
 
-import torch
-
+from specplan.contracts.memory import activation_bytes as pass_activation_bytes
+from specplan.contracts.memory import kv_bytes
 from specplan.contracts.plan import Plan
 from specplan.engine.io.store import StoreLayout
 from specplan.errors import InfeasibleError
@@ -20,12 +20,10 @@ from specplan.fmt import human_bytes
 TIERS = ("device", "host")
 
 
-def kv_bytes_by_tier(plan: Plan, capacity: int, dtype: torch.dtype) -> dict[str, int]:
+def kv_bytes_by_tier(plan: Plan, capacity: int, dtype_name: str) -> dict[str, int]:
     """KV caches of one wave: ``num_batches`` caches of ``decode_batch`` rows, each layer on its plan tier."""
-    from specplan.engine.model.kvcache import KVCache
-
-    spec, pol = plan.model.spec, plan.policy
-    per_layer = KVCache.bytes_for(spec, pol.decode_batch, capacity, dtype) // spec.num_layers * pol.num_batches
+    pol = plan.policy
+    per_layer = kv_bytes(plan.model.spec, dtype_name, pol.num_batches * pol.decode_batch, capacity, layers=1)
     out = {t: 0 for t in TIERS}
     for lp in plan.placement.layers:
         out["device" if lp.kv_cache == "device" else "host"] += per_layer
@@ -33,35 +31,32 @@ def kv_bytes_by_tier(plan: Plan, capacity: int, dtype: torch.dtype) -> dict[str,
 
 
 def activation_bytes(plan: Plan, dtype_name: str, prompt_len: int, capacity: int) -> int:
-    """Working memory of the larger of a prefill pass and a decode pass (the planner's formula)."""
-    from specplan.planner.memory import activation_bytes as per_pass
-    from specplan.planner.units import Costing, Pass
-
-    pol = plan.policy
-    c = Costing(spec=plan.model.spec, profile=plan.profile, weight_dtype=dtype_name, kv_dtype=dtype_name)
-    prefill = per_pass(c, Pass("prefill", min(pol.prefill_batch, pol.decode_batch), prompt_len, 0))
-    decode = per_pass(c, Pass("decode", pol.decode_batch, 1, capacity))
+    """Working memory of the larger of a prefill pass (logits of each prompt's last token) and a one-token decode
+    pass over ``capacity`` positions."""
+    spec, pol = plan.model.spec, plan.policy
+    seqs = min(pol.prefill_batch, pol.decode_batch)
+    prefill = pass_activation_bytes(spec, dtype_name, seqs, prompt_len, 0, seqs)
+    decode = pass_activation_bytes(spec, dtype_name, pol.decode_batch, 1, capacity, pol.decode_batch)
     return int(max(prefill, decode))
 
 
-def draft_kv_bytes(plan: Plan, capacity: int, dtype: torch.dtype) -> int:
+def draft_kv_bytes(plan: Plan, capacity: int, dtype_name: str) -> int:
     """The draft's KV caches of one wave (every interleaved batch), all layers."""
-    from specplan.engine.model.kvcache import KVCache
-
     pol = plan.policy
-    return KVCache.bytes_for(plan.draft.spec, pol.decode_batch, capacity, dtype) * pol.num_batches
+    return kv_bytes(plan.draft.spec, dtype_name, pol.num_batches * pol.decode_batch, capacity)
 
 
-def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: int, dtype: torch.dtype,
-                   dtype_name: str, draft_weight_bytes: int = 0) -> dict[str, dict[str, int]]:
-    """tier -> item -> bytes the run will allocate (``capacity``: KV positions per sequence, draft_len included)."""
+def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: int, dtype_name: str,
+                   draft_weight_bytes: int = 0) -> dict[str, dict[str, int]]:
+    """tier -> item -> bytes the run will allocate (``capacity``: KV positions per sequence, draft_len included;
+    ``dtype_name``: the compute dtype, e.g. "float32")."""
     weights = layout.weight_bytes()
-    kv = kv_bytes_by_tier(plan, capacity, dtype)
+    kv = kv_bytes_by_tier(plan, capacity, dtype_name)
     need = {t: {"weights": weights[t], "kv_cache": kv[t]} for t in TIERS}
     if plan.policy.speculative and plan.draft.kind == "model":
         pl = plan.placement
         need[pl.draft_weights]["draft_weights"] = draft_weight_bytes
-        need[pl.draft_kv]["draft_kv"] = draft_kv_bytes(plan, capacity, dtype)
+        need[pl.draft_kv]["draft_kv"] = draft_kv_bytes(plan, capacity, dtype_name)
     need["device"]["staging"] = layout.staging_bytes()
     need["device"]["activations"] = activation_bytes(plan, dtype_name, prompt_len, capacity)
     return need

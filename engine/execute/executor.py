@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specplan.contracts.memory import kv_capacity
 from specplan.contracts.plan import Plan
 from specplan.engine.model.kvcache import KVCache
 from specplan.engine.model.forward import forward, pad_prompts
@@ -237,7 +238,8 @@ class Executor:
         seqs = [SeqState(i, list(p)) for i, p in enumerate(prompts)]
         self.recorder.start()
         for w, groups in enumerate(self.waves(seqs)):
-            capacity = max(len(s.prompt) for g in groups for s in g) + self.max_new_tokens + self.plan.policy.draft_len
+            longest = max(len(s.prompt) for g in groups for s in g)
+            capacity = kv_capacity(longest, self.max_new_tokens, self.plan.policy.draft_len)
             batches = [Batch(b, g, self._allocate_kv(len(g), capacity), self._allocate_draft(len(g), capacity))
                        for b, g in enumerate(groups)]
             self._note_kv(batches)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from specplan.contracts.hardware import compute_dtype_on
+from specplan.contracts.memory import kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Timeline
@@ -117,10 +118,10 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     entries = layout_of(ckpt, dtype_name)
     file_bytes = align_up(max(e.offset + e.nbytes for e in entries.values()))
     layout = layout_for(plan, entries, file_bytes, device, item)
-    capacity = max(len(p) for p in prompts) + max_new_tokens + plan.policy.draft_len
+    capacity = kv_capacity(max(len(p) for p in prompts), max_new_tokens, plan.policy.draft_len)
     dckpt = open_draft_checkpoint(plan, draft_dir)
     draft_bytes = sum(e.nbytes for e in layout_of(dckpt, dtype_name).values()) if dckpt is not None else 0
-    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype, dtype_name, draft_bytes)
+    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype_name, draft_bytes)
     try:
         check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
     except InfeasibleError as e:

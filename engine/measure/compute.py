@@ -17,6 +17,7 @@ from itertools import cycle
 from pathlib import Path
 
 from specplan.contracts.hardware import Curve, MatmulCurve, Point, Stat
+from specplan.contracts.memory import kv_bytes as kv_cache_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.engine.measure.timing import Ticker, interleaved_seconds, rate, sample_seconds
 
@@ -139,7 +140,7 @@ def attention_curve(
     """
     import torch
 
-    per_token = spec.kv_bytes_per_token("float32") / spec.num_layers
+    per_token = kv_cache_bytes(spec, "float32", 1, 1, layers=1)
     q = torch.empty((1, spec.num_heads, 1, spec.head_dim), device=device).uniform_(-1, 1)
     seqs = sorted({max(1, round(b / per_token)) for b in kv_bytes})
 

@@ -2,7 +2,7 @@
 
 ``open_checkpoint(folder)`` reads only the config and the safetensors headers: every tensor becomes a ``TensorRef``
 (file, absolute byte offset, byte count, dtype, shape) under a canonical name that does not depend on the HF layout
-(``canonical_name``). Both MoE layouts map to the same names: the published per-expert one
+(the names of ``specplan.contracts.tensors``). Both MoE layouts map to the same names: the published per-expert one
 (``block_sparse_moe.experts.N.w1/w2/w3``, ``mlp.experts.N.gate_proj/...``) and the fused one transformers 5 writes
 (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]), where each expert's gate, up and
 down is a contiguous byte range inside the fused tensor. Problems (missing config or shard, truncated or corrupted
@@ -104,66 +104,12 @@ class Checkpoint:
 # ---- canonical names ---------------------------------------------------------------------------------------------
 
 
-def tensor_group(name: str) -> str:
-    """The weight group (``specplan.contracts.model.WEIGHT_GROUPS``) a canonical tensor belongs to."""
-    if name in ("embed", "lm_head"):
-        return name
-    if name == "final_norm":
-        return "norms_router"
-    part = name.split(".", 2)[2]  # after "layers.{i}."
-    if part.startswith("attn."):
-        return "attention"
-    if part.startswith("experts."):
-        return "experts"
-    if part.startswith("shared"):
-        return "shared_experts"
-    if part.startswith("mlp."):
-        return "mlp"
-    return "norms_router"  # input_norm, post_attn_norm, router
-
-
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Canonical name -> (shape, required) of every tensor the config implies (optional: biases not in the spec)."""
-    h, q, kvd, hd = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.head_dim
-    out: dict[str, tuple[tuple[int, ...], bool]] = {"embed": ((spec.vocab_size, h), True), "final_norm": ((h,), True)}
-    if not spec.tie_word_embeddings:
-        out["lm_head"] = ((spec.vocab_size, h), True)
-    qkv_bias = spec.attention_bias in ("qkv", "qkvo")
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        out[p + "input_norm"] = ((h,), True)
-        out[p + "post_attn_norm"] = ((h,), True)
-        for n, shape in (("q", (q, h)), ("k", (kvd, h)), ("v", (kvd, h)), ("o", (h, q))):
-            out[p + f"attn.{n}"] = (shape, True)
-        for n, size in (("q", q), ("k", kvd), ("v", kvd)):
-            out[p + f"attn.{n}_bias"] = ((size,), qkv_bias)
-        out[p + "attn.o_bias"] = ((h,), spec.attention_bias == "qkvo")
-        if spec.qk_norm == "per_head":
-            out[p + "attn.q_norm"] = ((hd,), True)
-            out[p + "attn.k_norm"] = ((hd,), True)
-        elif spec.qk_norm == "full":
-            out[p + "attn.q_norm"] = ((q,), True)
-            out[p + "attn.k_norm"] = ((kvd,), True)
-        if spec.is_moe_layer(i):
-            out[p + "router"] = ((spec.num_experts, h), True)
-            _ffn(out, p, [f"experts.{e}" for e in range(spec.num_experts)], h, spec.moe_intermediate_size, False)
-            if spec.shared_expert_intermediate_size:
-                _ffn(out, p, ["shared"], h, spec.shared_expert_intermediate_size, False)
-                out[p + "shared_gate"] = ((1, h), True)
-        else:
-            _ffn(out, p, ["mlp"], h, spec.intermediate_size, spec.mlp_bias)
+    """Canonical name -> (shape, required) of every tensor the config implies: the model's tensor table
+    (``spec.tensors``), plus as optional the attention biases the config has none of (tolerated, not used)."""
+    out = {t.name: (t.shape, False) for t in spec.tensors.optional}
+    out.update({t.name: (t.shape, True) for t in spec.tensors.tensors})
     return out
-
-
-def _ffn(out: dict, prefix: str, names: list[str], h: int, inter: int, bias: bool) -> None:
-    for n in names:
-        out[f"{prefix}{n}.gate"] = ((inter, h), True)
-        out[f"{prefix}{n}.up"] = ((inter, h), True)
-        out[f"{prefix}{n}.down"] = ((h, inter), True)
-        if bias:
-            out[f"{prefix}{n}.gate_bias"] = ((inter,), True)
-            out[f"{prefix}{n}.up_bias"] = ((inter,), True)
-            out[f"{prefix}{n}.down_bias"] = ((h,), True)
 
 
 _PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
@@ -399,23 +345,26 @@ def _map_tensors(raws: list[_Raw], spec: ModelSpec) -> dict[str, TensorRef]:
 
 def _split_fused(r: _Raw, layer: int, kind: str, spec: ModelSpec) -> list[TensorRef]:
     """Per-expert references into a fused [E, 2I, H] gate_up or [E, H, I] down tensor."""
-    e, h, inter = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
-    want = (e, 2 * inter, h) if kind == "gate_up_proj" else (e, h, inter)
+    e, p = spec.num_experts, f"layers.{layer}.experts."
+    if f"{p}0.gate" not in spec.tensors.by_name:
+        raise SpecplanError(f"{r.file}: tensor '{r.hf_name}' is not part of the model config.json describes (layer "
+                            f"{layer} has no routed experts); the weights do not match the config")
+    gate, down = (spec.tensors.by_name[f"{p}0.{n}"].shape for n in ("gate", "down"))
+    want = (e, 2 * gate[0], gate[1]) if kind == "gate_up_proj" else (e, *down)
     if r.shape != want:
         raise SpecplanError(f"{r.file}: tensor '{r.hf_name}' has shape {list(r.shape)} but config.json implies "
                             f"{list(want)}; the weights do not match the config")
     item = r.nbytes // max(1, math.prod(r.shape))
     per_expert = r.nbytes // e
-    p = f"layers.{layer}.experts."
     refs = []
     for x in range(e):
         base = r.offset + x * per_expert
         if kind == "gate_up_proj":
-            half = inter * h * item
-            refs.append(TensorRef(f"{p}{x}.gate", r.file, base, half, r.dtype, (inter, h)))
-            refs.append(TensorRef(f"{p}{x}.up", r.file, base + half, half, r.dtype, (inter, h)))
+            half = math.prod(gate) * item
+            refs.append(TensorRef(f"{p}{x}.gate", r.file, base, half, r.dtype, gate))
+            refs.append(TensorRef(f"{p}{x}.up", r.file, base + half, half, r.dtype, gate))
         else:
-            refs.append(TensorRef(f"{p}{x}.down", r.file, base, per_expert, r.dtype, (h, inter)))
+            refs.append(TensorRef(f"{p}{x}.down", r.file, base, per_expert, r.dtype, down))
     return refs
 
 

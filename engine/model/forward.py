@@ -26,6 +26,7 @@ from typing import ContextManager, Protocol
 import torch
 import torch.nn.functional as F
 
+from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -226,7 +227,7 @@ def forward(spec: ModelSpec, src: WeightSource, kv, tokens: torch.Tensor, num_ne
             with _span(tracer, f"L{i}.moe_combine", "device_compute", i, 0, 3 * _nbytes(x)):
                 x = x + _scatter_rows(y, real_rows, B, T)
         else:
-            with _span(tracer, f"L{i}.mlp", "device_compute", i, 2 * rows * spec.dense_mlp_params(),
+            with _span(tracer, f"L{i}.mlp", "device_compute", i, 2 * rows * spec.tensors.matmul_params("mlp", i),
                        _nbytes(*(w.get(f"mlp.{p}") for p in ("gate", "up", "down")))):
                 y = gated_ffn(ffn_input(ctx, x, w), w, ACTIVATIONS[spec.hidden_act], "mlp.")
                 x = x + _scatter_rows(y, real_rows, B, T)
@@ -266,7 +267,8 @@ def attention_block(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torc
     spec, tracer = ctx.spec, ctx.tracer
     B, T, H = x.shape
     hd, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
-    proj_flops = 2 * ctx.rows * (H * spec.q_dim + 2 * H * spec.kv_dim)
+    table = spec.tensors.by_name
+    proj_flops = 2 * ctx.rows * sum(table[f"layers.{i}.attn.{n}"].params for n in ("q", "k", "v"))
     with _span(tracer, f"L{i}.attn_proj", "device_compute", i, proj_flops,
                _nbytes(*(w.get(f"attn.{n}") for n in ("q", "k", "v", "q_bias", "k_bias", "v_bias")))):
         h = rms_norm(x, w["input_norm"], spec.rms_norm_eps)
@@ -284,8 +286,8 @@ def attention_block(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torc
     keys, values = ctx.kv.view(i, ctx.kv_len)
     with _span(tracer, f"L{i}.attention", resource, i, *_attention_cost(ctx, keys)):
         o = attend(q, keys, values, ctx.mask, nh // nkv, hd)
-    with _span(tracer, f"L{i}.attn_proj", "device_compute", i, 2 * ctx.rows * spec.q_dim * H,
-               _nbytes(w["attn.o"], w.get("attn.o_bias"))):
+    out_flops = 2 * ctx.rows * table[f"layers.{i}.attn.o"].params
+    with _span(tracer, f"L{i}.attn_proj", "device_compute", i, out_flops, _nbytes(w["attn.o"], w.get("attn.o_bias"))):
         o = o.to(x.device).transpose(1, 2).reshape(B, T, spec.q_dim)
         x = x + _linear(o, w["attn.o"], w.get("attn.o_bias"))
     return x
@@ -317,10 +319,10 @@ def _attention_cost(ctx: _Context, keys: torch.Tensor) -> tuple[float, float]:
         return 0.0, 0.0
     spec, n = ctx.spec, ctx.num_new
     before = ctx.kv.lengths  # not yet advanced
-    positions = int((n * before + n * (n + 1) // 2).sum())  # sum over real tokens of the keys they see
+    positions = int(causal_positions(n, before).sum())  # sum over real tokens of the keys they see
     flops = spec.attention_flops_per_token(positions) / spec.num_layers
-    kv_bytes = int((before + n).sum()) * 2 * spec.kv_dim * keys.element_size()
-    return flops, kv_bytes
+    read = kv_bytes(spec, str(keys.dtype).removeprefix("torch."), 1, int((before + n).sum()), layers=1)
+    return flops, read
 
 
 def moe_ffn(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torch.Tensor], src: WeightSource,
@@ -330,20 +332,20 @@ def moe_ffn(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torch.Tensor
     spec, tracer = ctx.spec, ctx.tracer
     act = ACTIVATIONS[spec.hidden_act]
     n = ctx.rows
-    with _span(tracer, f"L{i}.router", "device_compute", i, 2 * n * spec.router_params(), _nbytes(w["router"])):
+    with _span(tracer, f"L{i}.router", "device_compute", i, 2 * n * spec.tensors.matmul_params("norms_router", i), _nbytes(w["router"])):
         h = ffn_input(ctx, x, w)
         weights, chosen = route(h, w["router"], spec.experts_per_token, spec.norm_topk_prob)
         ids = torch.unique(chosen).tolist()
     out = torch.zeros_like(h)
     if spec.shared_expert_intermediate_size:
-        with _span(tracer, f"L{i}.shared", "device_compute", i, 2 * n * spec.shared_expert_params(),
+        with _span(tracer, f"L{i}.shared", "device_compute", i, 2 * n * spec.tensors.matmul_params("shared_experts", i),
                    _nbytes(*(w[f"shared.{p}"] for p in ("gate", "up", "down")), w["shared_gate"])):
             out += torch.sigmoid(_linear(h, w["shared_gate"])) * gated_ffn(h, w, act, "shared.")
     experts = src.experts(i, ids)
     for e in ids:
         tok, slot = torch.where(chosen == e)
         ew = experts[e]  # a lazy source may block here until this expert's bytes have arrived
-        with _span(tracer, f"L{i}.E{e}", expert_resource(e), i, 2 * len(tok) * spec.expert_params(),
+        with _span(tracer, f"L{i}.E{e}", expert_resource(e), i, 2 * len(tok) * spec.tensors.matmul_params("experts", i, e),
                    _nbytes(ew["gate"], ew["up"], ew["down"])):
             dev = ew["gate"].device
             y = gated_ffn(h[tok].to(dev), ew, act).to(h.device)
@@ -370,7 +372,7 @@ def lm_head(spec: ModelSpec, src: WeightSource, x: torch.Tensor, rows_at: torch.
     norm = src.tensor("final_norm")
     head = src.tensor("lm_head")  # a tied model's source returns the embedding
     rows = x.shape[0] * x.shape[1]
-    with _span(tracer, "lm_head", "device_compute", None, 2 * rows * spec.hidden_size * spec.vocab_size,
+    with _span(tracer, "lm_head", "device_compute", None, 2 * rows * spec.tensors.head.params,
                _nbytes(head, norm)):
         return _linear(rms_norm(x, norm, spec.rms_norm_eps), head)
 
@@ -408,8 +410,8 @@ def generate(spec: ModelSpec, src: WeightSource, prompts: Sequence[Sequence[int]
     from specplan.engine.model.kvcache import KVCache
 
     if kv is None:
-        kv = KVCache.allocate(spec, len(prompts), max(len(p) for p in prompts) + max_new_tokens,
-                              dtype or torch.float32)
+        capacity = kv_capacity(max(len(p) for p in prompts), max_new_tokens, 0)
+        kv = KVCache.allocate(spec, len(prompts), capacity, dtype or torch.float32)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -39,12 +39,6 @@ class KVCache:
         v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         return cls(k=k, v=v, lengths=torch.zeros(batch, dtype=torch.long))
 
-    @staticmethod
-    def bytes_for(spec: ModelSpec, batch: int, capacity: int, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes ``allocate`` would take (K and V, all layers) — for budget checks before allocating."""
-        item = torch.empty((), dtype=dtype).element_size()
-        return 2 * spec.num_layers * batch * spec.num_kv_heads * capacity * spec.head_dim * item
-
     # ---- shape ----------------------------------------------------------------------------------------------------
 
     @property

@@ -1,7 +1,7 @@
 """ModelSpec: the shape of a transformer, from any HF ``config.json``, with derived sizes and FLOPs.
 
-One formula per quantity lives here (parameters per tensor group, bytes, KV bytes, FLOPs per token); the planner,
-simulator and engine all ask this class rather than recomputing.
+Parameters, bytes and matmul FLOPs are read off the model's tensor table (``spec.tensors``,
+``specplan.contracts.tensors``); KV bytes come from ``specplan.contracts.memory``.
 """
 
 from __future__ import annotations
@@ -11,32 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specplan.contracts.memory import kv_bytes
+from specplan.contracts.tensors import DTYPE_BYTES, TensorTable, nbytes, tensor_table
+from specplan.contracts.tensors import WEIGHT_GROUPS, dtype_bytes  # noqa: F401  (re-exported: callers import them here)
 from specplan.errors import ContractError
 
 SCHEMA_VERSION = 1
 
-#: bytes per element of the dtypes specplan plans with (int4 packs two values per byte).
-DTYPE_BYTES: dict[str, float] = {
-    "float64": 8,
-    "float32": 4,
-    "bfloat16": 2,
-    "float16": 2,
-    "int8": 1,
-    "int4": 0.5,
-}
-
-#: weight tensor groups, each with its own placement in a Plan.
-WEIGHT_GROUPS = ("embed", "attention", "norms_router", "mlp", "experts", "shared_experts", "lm_head")
-
 Family = Literal["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 SUPPORTED_FAMILIES: tuple[str, ...] = Family.__args__  # type: ignore[attr-defined]
-
-
-def dtype_bytes(dtype: str) -> float:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ContractError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}") from None
 
 
 class ModelSpec(BaseModel):
@@ -125,77 +108,20 @@ class ModelSpec(BaseModel):
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    # ---- parameters per tensor ---------------------------------------------------------------------------------
+    # ---- parameters and bytes: read off the tensor table --------------------------------------------------------
 
-    def attention_params_per_layer(self) -> int:
-        h = self.hidden_size
-        n = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
-        if self.attention_bias in ("qkv", "qkvo"):
-            n += self.q_dim + 2 * self.kv_dim
-        if self.attention_bias == "qkvo":
-            n += h
-        if self.qk_norm == "per_head":
-            n += 2 * self.head_dim
-        elif self.qk_norm == "full":
-            n += self.q_dim + self.kv_dim
-        return n
-
-    def ffn_params(self, intermediate: int) -> int:
-        """One gated FFN (gate, up, down) of the given width."""
-        n = 3 * self.hidden_size * intermediate
-        if self.mlp_bias:
-            n += 2 * intermediate + self.hidden_size
-        return n
-
-    def expert_params(self) -> int:
-        """One routed expert."""
-        return self.ffn_params(self.moe_intermediate_size) if self.is_moe else 0
-
-    def shared_expert_params(self) -> int:
-        """The shared expert of one MoE layer, with its sigmoid gate (Qwen2-MoE)."""
-        if not self.shared_expert_intermediate_size:
-            return 0
-        return self.ffn_params(self.shared_expert_intermediate_size) + self.hidden_size
-
-    def dense_mlp_params(self) -> int:
-        return self.ffn_params(self.intermediate_size)
-
-    def router_params(self) -> int:
-        return self.hidden_size * self.num_experts
-
-    def layer_norm_params(self) -> int:
-        return 2 * self.hidden_size
-
-    def embed_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    def lm_head_params(self) -> int:
-        """Parameters stored for the output head (0 when tied to the embedding)."""
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    # ---- parameters per tensor group ---------------------------------------------------------------------------
+    @cached_property
+    def tensors(self) -> TensorTable:
+        """Every weight tensor of the model (``specplan.contracts.tensors``), built once per spec."""
+        return tensor_table(self)
 
     def param_counts(self) -> dict[str, int]:
         """Stored parameters per weight group (``WEIGHT_GROUPS``), over all layers."""
-        n_moe = len(self.moe_layers)
-        n_dense = self.num_layers - n_moe
-        return {
-            "embed": self.embed_params(),
-            "attention": self.num_layers * self.attention_params_per_layer(),
-            "norms_router": self.num_layers * self.layer_norm_params()
-            + n_moe * self.router_params()
-            + self.hidden_size,
-            "mlp": n_dense * self.dense_mlp_params(),
-            "experts": n_moe * self.num_experts * self.expert_params(),
-            "shared_experts": n_moe * self.shared_expert_params(),
-            "lm_head": self.lm_head_params(),
-        }
+        return dict(self.tensors.group_params)
 
     def active_param_counts(self) -> dict[str, int]:
         """Parameters one token touches, per weight group (routed experts: ``experts_per_token`` of them)."""
-        counts = self.param_counts()
-        counts["experts"] = len(self.moe_layers) * self.experts_per_token * self.expert_params()
-        return counts
+        return dict(self.tensors.active_group_params)
 
     @property
     def total_params(self) -> int:
@@ -207,21 +133,22 @@ class ModelSpec(BaseModel):
 
     def group_bytes(self, dtype: str | None = None) -> dict[str, int]:
         """Bytes per weight group at ``dtype`` (default: the checkpoint's)."""
-        b = dtype_bytes(dtype or self.dtype)
-        return {g: int(round(n * b)) for g, n in self.param_counts().items()}
+        return {g: nbytes(n, dtype or self.dtype) for g, n in self.param_counts().items()}
 
     def weight_bytes(self, dtype: str | None = None) -> int:
         return sum(self.group_bytes(dtype).values())
 
     def expert_bytes(self, dtype: str | None = None) -> int:
-        """Bytes of one routed expert (the unit the engine places and streams)."""
-        return int(round(self.expert_params() * dtype_bytes(dtype or self.dtype)))
+        """Bytes of one routed expert (the unit the engine places and streams); 0 for a dense model."""
+        if not self.is_moe:
+            return 0
+        return nbytes(self.tensors.params("experts", self.moe_layers[0], 0), dtype or self.dtype)
 
     # ---- KV cache and FLOPs ------------------------------------------------------------------------------------
 
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         """KV-cache bytes one token adds, over all layers (K and V)."""
-        return int(round(2 * self.num_layers * self.kv_dim * dtype_bytes(dtype or self.dtype)))
+        return kv_bytes(self, dtype or self.dtype, 1, 1)
 
     def matmul_flops_per_token(self) -> int:
         """Weight-matmul FLOPs of one token (2 per multiply-add), excluding attention over the context.
@@ -229,19 +156,7 @@ class ModelSpec(BaseModel):
         Counts the projection, FFN, router and output-head matrices (the head also when tied to the embedding);
         not the embedding lookup, norms or biases.
         """
-        h = self.hidden_size
-        attn = 2 * h * self.q_dim + 2 * h * self.kv_dim
-        moe = self.experts_per_token * 3 * h * self.moe_intermediate_size + h * self.num_experts
-        if self.shared_expert_intermediate_size:
-            moe += 3 * h * self.shared_expert_intermediate_size + h  # shared expert and its gate
-        n_moe = len(self.moe_layers)
-        params = (
-            self.num_layers * attn
-            + (self.num_layers - n_moe) * 3 * h * self.intermediate_size
-            + n_moe * moe
-            + self.vocab_size * h
-        )
-        return 2 * params
+        return 2 * self.tensors.active_matmul_params
 
     def attention_flops_per_token(self, context_len: int) -> int:
         """Score and weighted-sum FLOPs of one new token attending to ``context_len`` positions, all layers."""

@@ -11,8 +11,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from specplan.contracts.hardware import HardwareProfile
-from specplan.contracts.model import DTYPE_BYTES, ModelSpec, dtype_bytes
+from specplan.contracts.model import DTYPE_BYTES, ModelSpec
 from specplan.contracts.strict import Strict as _Strict
+from specplan.contracts.tensors import nbytes
 
 SCHEMA_VERSION = 1
 
@@ -122,27 +123,25 @@ class Placement(_Strict):
                 raise ValueError(f"layer {i} is dense: needs an mlp tier and no experts")
 
     def group_bytes(self, spec: ModelSpec, weight_dtype: str) -> dict[str, dict[str, int]]:
-        """Weight bytes per group per tier (the human summary and the capacity check)."""
-        b = dtype_bytes(weight_dtype)
+        """Weight bytes per group per tier (the human summary and the capacity check), one placed piece at a time
+        from the model's tensor table; only the groups the model has."""
         out: dict[str, dict[str, int]] = {}
-
-        def add(group: str, tier: str, params: int) -> None:
+        for group, layer, expert, params in spec.tensors.instances():
             row = out.setdefault(group, {t: 0 for t in TIERS})
-            row[tier] += int(round(params * b))
-
-        add("embed", self.embed, spec.embed_params())
-        add("lm_head", self.lm_head, spec.lm_head_params())
-        add("norms_router", self.final_norm, spec.hidden_size)
-        for i, lp in enumerate(self.layers):
-            add("attention", lp.attention, spec.attention_params_per_layer())
-            add("norms_router", lp.norms_router, spec.layer_norm_params() + (spec.router_params() if spec.is_moe_layer(i) else 0))
-            if lp.mlp is not None:
-                add("mlp", lp.mlp, spec.dense_mlp_params())
-            for t in lp.experts:
-                add("experts", t, spec.expert_params())
-            if lp.shared_experts is not None:
-                add("shared_experts", lp.shared_experts, spec.shared_expert_params())
+            row[self.tier_of(group, layer, expert)] += nbytes(params, weight_dtype)
         return out
+
+    def tier_of(self, group: str, layer: int | None, expert: int | None) -> Tier:
+        """The tier of one placed piece: ``group``'s tensors of ``layer`` (None: model-level) and ``expert``."""
+        if layer is None:
+            return {"embed": self.embed, "lm_head": self.lm_head, "norms_router": self.final_norm}[group]
+        lp = self.layers[layer]
+        if group == "experts":
+            return lp.experts[expert]  # type: ignore[index]
+        tier = {"attention": lp.attention, "norms_router": lp.norms_router, "mlp": lp.mlp,
+                "shared_experts": lp.shared_experts}[group]
+        assert tier is not None, f"layer {layer} has no {group} tier"
+        return tier
 
     @classmethod
     def uniform(cls, spec: ModelSpec, tier: Tier = "device", kv: Tier | None = None) -> "Placement":
