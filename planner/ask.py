@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from specplan.contracts.hardware import HardwareProfile
-from specplan.contracts.memory import kv_capacity
+from specplan.contracts.memory import kv_capacity, last_decode_context, mean_decode_context
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Capacities, Plan, Workload
 from specplan.planner.drafts import DraftChoice
@@ -71,10 +71,10 @@ def caps_of(ask: Ask) -> dict[str, float | None]:
 
 def shape_for(ask: Ask, draft: DraftChoice, g: int, nb: int, batch: int, prefill: int) -> Shape:
     wl = ask.workload
-    wave = nb * batch
-    sizes = [wave] * (wl.num_prompts // wave) + ([wl.num_prompts % wave] if wl.num_prompts % wave else [])
+    sizes = wl.wave_sizes(nb * batch)
     rounds = sum(expected_rounds(draft.acceptance, g, wl.gen_len - 1, n) for n in sizes)
     return Shape(decode_batch=batch, num_batches=nb, prefill_batch=prefill, draft_len=g,
                  rounds=rounds, prefill_passes=sum(math.ceil(n / prefill) for n in sizes),
-                 decode_context=wl.prompt_len + wl.gen_len // 2, capacity=kv_capacity(wl.prompt_len, wl.gen_len, g),
-                 prompt_len=wl.prompt_len)
+                 decode_context=mean_decode_context(wl.prompt_len, wl.gen_len),
+                 capacity=kv_capacity(wl.prompt_len, wl.gen_len, g), prompt_len=wl.prompt_len,
+                 last_context=last_decode_context(wl.prompt_len, wl.gen_len))

@@ -97,6 +97,7 @@ class Shape:
     decode_context: int  # mean KV length over decode (costing)
     capacity: int  # KV positions allocated per sequence
     prompt_len: int
+    last_context: int  # KV length before the last decode pass (memory peak)
 
 
 @dataclass
@@ -193,7 +194,7 @@ class PlacementLP:
         drafts = [Pass("draft", sh.decode_batch, 1, sh.decode_context + s, substitute=bool(c.substitute_bits))
                   for s in range(sh.draft_len)]
         prefill = Pass("prefill", sh.prefill_batch, sh.prompt_len, 0)
-        return verify, drafts, prefill, replace(verify, context=sh.capacity - sh.draft_len)
+        return verify, drafts, prefill, replace(verify, context=sh.last_context)
 
     def _time(self) -> None:
         """The round rows ``R, r`` and the prefill rows ``P, p``."""

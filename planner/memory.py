@@ -7,7 +7,7 @@ The LP (``lp.py``) uses the same per-unit functions, so a plan the search accept
 from __future__ import annotations
 
 from specplan.contracts.memory import activation_bytes as pass_activation_bytes
-from specplan.contracts.memory import kv_capacity
+from specplan.contracts.memory import kv_capacity, last_decode_context
 from specplan.contracts.plan import TIERS, Plan
 from specplan.planner.kinds import POOLS, draft_tiers
 from specplan.planner.units import Costing, Pass, unit_ops
@@ -88,7 +88,8 @@ def phase_passes(plan: Plan) -> dict[str, Pass]:
     """The pass whose working set each phase's peak is: a full prefill pass, a verification at the last context."""
     pol, wl = plan.policy, plan.workload
     return {"prefill": Pass("prefill", pol.prefill_batch, wl.prompt_len, 0),
-            "decode": Pass("verify", pol.decode_batch, pol.draft_len + 1, wl.prompt_len + wl.gen_len)}
+            "decode": Pass("verify", pol.decode_batch, pol.draft_len + 1,
+                           last_decode_context(wl.prompt_len, wl.gen_len))}
 
 
 def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:

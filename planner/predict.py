@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from specplan.contracts.memory import mean_decode_context as mean_context
 from specplan.contracts.plan import Plan, Prediction
 from specplan.planner.expect import expected_rounds, expected_tokens_per_seq
 from specplan.planner.memory import peak_bytes
@@ -33,14 +34,12 @@ class Breakdown:
 
 def wave_sizes(plan: Plan) -> list[int]:
     """Sequences of each wave: full waves of num_batches * decode_batch, then the rest."""
-    size = plan.policy.num_batches * plan.policy.decode_batch
-    n = plan.workload.num_prompts
-    return [size] * (n // size) + ([n % size] if n % size else [])
+    return plan.workload.wave_sizes(plan.policy.num_batches * plan.policy.decode_batch)
 
 
 def mean_decode_context(plan: Plan) -> int:
     """The KV length averaged over the decode rounds (attention cost is linear in it)."""
-    return plan.workload.prompt_len + plan.workload.gen_len // 2
+    return mean_context(plan.workload.prompt_len, plan.workload.gen_len)
 
 
 def breakdown(plan: Plan) -> Breakdown:

@@ -25,6 +25,16 @@ def kv_capacity(prompt_len: int, new_tokens: int, draft_len: int) -> int:
     return prompt_len + new_tokens + draft_len
 
 
+def mean_decode_context(prompt_len: int, gen_len: int) -> int:
+    """KV positions (tokens) averaged over the decode rounds of one sequence: attention cost is linear in it."""
+    return prompt_len + gen_len // 2
+
+
+def last_decode_context(prompt_len: int, gen_len: int) -> int:
+    """KV positions (tokens) cached before the last decode pass of one sequence: where working memory peaks."""
+    return prompt_len + gen_len
+
+
 def causal_positions(tokens, context):
     """Key positions the ``tokens`` new tokens of one sequence attend to over ``context`` cached ones (causal):
     T*c + T(T+1)/2. Works on ints and on integer tensors alike."""

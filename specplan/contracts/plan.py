@@ -62,6 +62,11 @@ class Workload(_Strict):
     gen_len: int = Field(gt=0)  # new tokens per prompt (throughput never counts tokens past this)
     num_prompts: int = Field(gt=0)
 
+    def wave_sizes(self, wave: int) -> list[int]:
+        """Sequences of each wave of at most ``wave`` sequences: full waves, then the rest."""
+        n = self.num_prompts
+        return [wave] * (n // wave) + ([n % wave] if n % wave else [])
+
 
 class Policy(_Strict):
     prefill_batch: int = Field(gt=0)
