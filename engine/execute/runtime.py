@@ -1,7 +1,7 @@
 """Running a plan: check the model and the memory budget, convert the offload file if needed, open the tiered store,
 run the executor, and collect the measured timeline, throughput and peak memory.
 
-``run_plan`` is the programmatic entry point (``specplan run`` and ``bench/bench_engine.py`` call it).
+``run_plan`` is the programmatic entry point (``specplan.validation.runs`` and ``bench/bench_engine.py`` call it).
 """
 
 from __future__ import annotations
