@@ -22,7 +22,7 @@ PRIORS: dict[tuple[str, str | None], tuple[float, str]] = {
               "resident layers and KV cache, accept long drafts"),
     ("smollm2-135m", None): (
         0.90, "the demo target is upcycled from SmolLM2-135M, its greedy agreement with it is about 0.9 "
-              "(DEVELOPERS.md; measure it with specplan run)"),
+              "(measure it with specplan run)"),
     ("model", None): (
         0.70, "assumed: Leviathan et al. 2023 (arXiv:2211.17192) measured per-token acceptance of roughly 0.5-0.8 "
               "for small drafts of the same family"),
