@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -266,3 +267,27 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
 def command_line() -> str:
     """How this process was started, for the provenance."""
     return " ".join(["specplan" if Path(sys.argv[0]).name == "specplan" else sys.argv[0], *sys.argv[1:]])
+
+
+@dataclass(frozen=True)
+class Measured:
+    profile: HardwareProfile
+    seconds: float  # wall time of the measurement
+    preset: str
+    others_cpu_fraction: float | None  # CPU share other processes used meanwhile (None: unknown)
+
+
+def configure(quick: bool, device: str | None = None, offload_dir: Path | None = None) -> ProfileConfig:
+    """The measurement ``specplan profile`` runs: the quick or full preset on a checked device, its offload folder
+    prepared (``SpecplanError`` in one line for what cannot work, before anything is measured)."""
+    dev = check_device(device) if device is not None else default_device()
+    make = ProfileConfig.quick if quick else ProfileConfig.full
+    return prepare(make(device=dev, offload_dir=offload_dir, command=command_line()))
+
+
+def measure_this_machine(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None) -> Measured:
+    """Measure this machine as ``config`` says, and how busy other processes kept its CPUs meanwhile."""
+    t0 = time.perf_counter()
+    usage = CpuUsage()
+    profile = measure_profile(config, on_tick)
+    return Measured(profile, time.perf_counter() - t0, config.preset, usage.others_fraction())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -50,27 +49,21 @@ def command(output: str | None, quick: bool, offload_dir: str | None, device: st
 
 def _measure(output: str | None, quick: bool, offload_dir: str | None, device: str | None) -> None:
     from specplan.catalog import user_profiles_dir
-    from specplan.engine.measure.timing import CpuUsage
-    from specplan.engine.measure.profiler import (
-        ProfileConfig, check_device, command_line, default_device, measure_profile, prepare,
-    )
+    from specplan.engine.measure.profiler import configure, measure_this_machine
     from specplan.fmt import console
 
     out = Path(output).expanduser() if output else None
     if out is not None:
         _check_writable(out)
-    dev = check_device(device) if device is not None else default_device()
-    make = ProfileConfig.quick if quick else ProfileConfig.full
-    config = prepare(make(device=dev, offload_dir=Path(offload_dir) if offload_dir else None, command=command_line()))
-    t0 = time.perf_counter()
-    usage = CpuUsage()
-    profile = _with_progress(lambda tick: measure_profile(config, tick))
+    config = configure(quick, device, Path(offload_dir) if offload_dir else None)
+    m = _with_progress(lambda tick: measure_this_machine(config, tick))
+    profile = m.profile
     path = out or user_profiles_dir() / f"{profile.name}.json"
     _write(path, profile)
     con = console()
-    con.print(f"measured in {time.perf_counter() - t0:.0f} s ({config.preset})")
+    con.print(f"measured in {m.seconds:.0f} s ({m.preset})")
     _print_summary(profile)
-    others = usage.others_fraction()
+    others = m.others_cpu_fraction
     if others is not None and others > BUSY_WARNING:
         con.print(f"[yellow]warning: other processes used {others:.0%} of the CPUs while measuring; compute figures "
                   f"may be low: rerun on an idle machine[/yellow]")
