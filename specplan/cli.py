@@ -41,7 +41,7 @@ class CommandsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SpecplanError as e:
-            raise UserError(str(e), e.exit_code) from None
+            raise UserError(" ".join(str(e).split("\n")), e.exit_code) from None
         except KeyboardInterrupt:
             raise UserError("interrupted; results already written are complete", 130) from None
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from specplan.jsonio import write_atomic
 
 
 def plot_profile(p, path: Path) -> Path:
@@ -49,9 +52,7 @@ def plot_profile(p, path: Path) -> Path:
         ax.legend(fontsize=6)
     fig.suptitle(f"{p.name} ({p.provenance.kind} {p.provenance.created_utc})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, buf.getvalue())

@@ -17,7 +17,7 @@ from typing import Any
 from specplan.contracts.calibration import AcceptanceRecord, Calibration
 from specplan.contracts.plan import Plan
 from specplan.errors import SpecplanError
-from specplan.jsonio import load, write_atomic, write_json
+from specplan.jsonio import load, read_text, write_atomic, write_json
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,7 @@ def bundled_prompts() -> Path:
 def read_prompts(path: str | Path | None) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped) or JSONL (a "prompt" key per line)."""
     p = existing_file(path, "prompts") if path else bundled_prompts()
-    try:
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecplanError(f"{p}: cannot read the prompts ({e}); pass a UTF-8 text or JSONL file") from None
+    lines = [line.strip() for line in read_text(p, "a UTF-8 text or JSONL file of prompts").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise SpecplanError(f"{p}: no prompts in the file; write one prompt per line")
@@ -56,6 +53,9 @@ def read_prompts(path: str | Path | None) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise SpecplanError(f"{p}: line {n} is not JSON ({e.msg}); JSONL prompts need one object per line") from None
+        except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits, or nesting too deep
+            why = str(e).splitlines()[0][:80] if str(e) else "nested too deeply"
+            raise SpecplanError(f"{p}: line {n} is not JSON ({why}); JSONL prompts need one object per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise SpecplanError(f"{p}: line {n} has no \"prompt\" text; JSONL prompts need a \"prompt\" key")
         out.append(obj["prompt"])

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from specplan.errors import SpecplanError
+from specplan.jsonio import write_atomic
 
 # ---- tiny models ---------------------------------------------------------------------------------------------
 
@@ -269,9 +270,9 @@ def upcycle_to_mixtral(dense: str | Path, out: str | Path, num_experts: int = DE
             weight_map[name] = fname
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    write_atomic(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
     _copy_side_files(Path(dense), out)
-    (out / "specplan_build.json").write_text(json.dumps({
+    write_atomic(out / "specplan_build.json", json.dumps({
         "recipe": DEMO_RECIPE, "upcycled_from": str(dense), "num_experts": num_experts, "top_k": top_k,
         "noise": noise, "router_scale": router_scale, "seed": seed, "weight_bytes": total}, indent=1) + "\n")
     return out

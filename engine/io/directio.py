@@ -152,21 +152,26 @@ def write_aligned(path: str | os.PathLike, chunks: list[bytes | memoryview], syn
     tmp = f"{path}.tmp{os.getpid()}"
     offsets = []
     pos = 0
-    with open(tmp, "wb") as f:
-        for c in chunks:
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                pad = align_up(pos) - pos
+                if pad:
+                    f.write(b"\0" * pad)
+                    pos += pad
+                offsets.append(pos)
+                f.write(c)
+                pos += len(memoryview(c).cast("B"))
             pad = align_up(pos) - pos
             if pad:
                 f.write(b"\0" * pad)
-                pos += pad
-            offsets.append(pos)
-            f.write(c)
-            pos += len(memoryview(c).cast("B"))
-        pad = align_up(pos) - pos
-        if pad:
-            f.write(b"\0" * pad)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted write leaves no half file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     drop_file_cache(path)
     return offsets

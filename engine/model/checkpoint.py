@@ -98,7 +98,12 @@ class Checkpoint:
                                 f"pass token ids, or use a model folder that includes its tokenizer")
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.folder))
+        try:
+            return AutoTokenizer.from_pretrained(str(self.folder))
+        except Exception as e:  # a corrupt tokenizer file raises whatever its parser raises
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise SpecplanError(f"{self.folder}: cannot load the tokenizer ({why}); re-download the tokenizer "
+                                f"files ({', '.join(TOKENIZER_FILES)})") from None
 
 
 # ---- canonical names ---------------------------------------------------------------------------------------------
@@ -190,11 +195,12 @@ def read_safetensors_header(path: Path) -> list[_Raw]:
     except OSError as e:
         raise SpecplanError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(text)
+        header = json.loads(text.decode("utf-8"))
         if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SpecplanError(f"{path}: corrupted safetensors header ({str(e).splitlines()[0][:80]}); "
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise SpecplanError(f"{path}: corrupted safetensors header ({why}); "
                             f"re-download or rebuild the checkpoint") from None
     base, data_size = 8 + n, size - 8 - n
     out = []
@@ -211,25 +217,36 @@ def read_safetensors_header(path: Path) -> list[_Raw]:
 
 def _check_entry(path: Path, name: str, meta, base: int, data_size: int) -> _Raw:
     def bad(why: str) -> SpecplanError:
-        return SpecplanError(f"{path}: corrupted safetensors header (tensor '{name}': {why}); "
+        return SpecplanError(f"{path}: corrupted safetensors header (tensor {_short(name)}: {why}); "
                              f"re-download or rebuild the checkpoint")
 
     if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
         raise bad("needs dtype, shape and data_offsets")
+    if not isinstance(meta["dtype"], str):
+        raise bad(f"dtype must be a string, got {_short(meta['dtype'])}")
     dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise SpecplanError(f"{path}: tensor '{name}' has dtype {meta['dtype']}, which the engine cannot read "
-                            f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+        raise SpecplanError(f"{path}: tensor {_short(name)} has dtype {_short(meta['dtype'])}, which the engine cannot "
+                            f"read (supported: {', '.join(SAFETENSORS_DTYPES)})")
     shape, offs = meta["shape"], meta["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise bad(f"bad shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+    if not (isinstance(shape, list) and len(shape) <= 16 and all(_whole(d) and d >= 0 for d in shape)):
+        raise bad(f"bad shape {_short(shape)}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_whole(o) for o in offs)
             and 0 <= offs[0] <= offs[1]):
-        raise bad(f"bad data_offsets {offs!r}")
+        raise bad(f"bad data_offsets {_short(offs)}")
     nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
     if offs[1] - offs[0] != nbytes:
         raise bad(f"data_offsets span {offs[1] - offs[0]} bytes, shape {shape} x {dtype} needs {nbytes}")
     return _Raw(name, path, base + offs[0], nbytes, dtype, tuple(shape))
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_tensor(ref: TensorRef, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -264,6 +281,8 @@ def weight_files(folder: Path) -> list[Path]:
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise SpecplanError(f"{index}: no 'weight_map'; re-download the index or the checkpoint")
+        if not all(isinstance(v, str) and v and "/" not in v for v in wm.values()):
+            raise SpecplanError(f"{index}: field 'weight_map': expected shard file names; re-download the index")
         files = []
         for shard in sorted(set(wm.values())):
             p = folder / shard

@@ -17,8 +17,10 @@ class Gibibytes(click.FloatRange):
 
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)
-        if not math.isfinite(v):
+        if not math.isfinite(v * 2**30):
             self.fail(f"{value!r} is not a finite number of GiB", param, ctx)
+        if v * 2**30 < 1:
+            self.fail(f"{value!r} GiB is less than one byte", param, ctx)
         return v
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
+
 from specplan.commands._params import GIB
 
 
@@ -15,8 +17,8 @@ from specplan.commands._params import GIB
 @click.option("--profile", "profile_arg", metavar="NAME|FILE", default=None,
               help="Hardware profile [default: this machine's newest measured one, measured now (--quick) if there "
                    "is none].")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts to run.")
-@click.option("--gen-len", type=click.IntRange(min=1), default=32, show_default=True, help="New tokens per prompt.")
+@click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=16, show_default=True, help="Prompts to run.")
+@click.option("--gen-len", type=click.IntRange(min=1, max=MAX_TOKENS), default=32, show_default=True, help="New tokens per prompt.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/demo", show_default=True,
               help="Folder for the plans, the simulated timeline and the runs' results.")
 def command(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str) -> None:

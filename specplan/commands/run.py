@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
 from specplan.errors import SpecplanError
 
 
@@ -42,19 +43,20 @@ def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompt
     from specplan.validation.show import show_run, show_written
 
     run = run_plan_file(plan_file, model_dir=model_dir, draft_dir=draft_dir, prompts_file=prompts_file,
-                        max_new_tokens=_positive(max_new_tokens, "--max-new-tokens"),
-                        num_prompts=_positive(num_prompts, "--num-prompts"), stop_at_eos=stop_at_eos, out_dir=out_dir)
+                        max_new_tokens=_positive(max_new_tokens, "--max-new-tokens", MAX_TOKENS),
+                        num_prompts=_positive(num_prompts, "--num-prompts", MAX_PROMPTS), stop_at_eos=stop_at_eos, out_dir=out_dir)
     show_run(run.plan, run.report)
     show_written(run.written)
 
 
-def _positive(value: str | None, flag: str) -> int | None:
+def _positive(value: str | None, flag: str, most: int) -> int | None:
     if value is None:
         return None
     try:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
-        raise SpecplanError(f"{flag} must be a positive whole number, got '{value}'")
+    if not 1 <= n <= most:
+        shown = repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+        raise SpecplanError(f"{flag} must be a positive whole number (at most {most}), got {shown}")
     return n

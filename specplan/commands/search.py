@@ -8,6 +8,7 @@ import time
 import click
 
 from specplan.commands._params import GIB
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
 
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
@@ -33,11 +34,11 @@ DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
                    "documented prior, printed as an assumption].")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="JSON file of measured acceptance per draft (specplan.contracts.calibration).")
-@click.option("--prompt-len", type=click.IntRange(min=1), default=DEFAULT_PROMPT_LEN, show_default=True,
+@click.option("--prompt-len", type=click.IntRange(min=1, max=MAX_TOKENS), default=DEFAULT_PROMPT_LEN, show_default=True,
               help="Tokens per prompt.")
-@click.option("--gen-len", type=click.IntRange(min=1), default=DEFAULT_GEN_LEN, show_default=True,
+@click.option("--gen-len", type=click.IntRange(min=1, max=MAX_TOKENS), default=DEFAULT_GEN_LEN, show_default=True,
               help="New tokens per prompt.")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=DEFAULT_NUM_PROMPTS, show_default=True,
+@click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=DEFAULT_NUM_PROMPTS, show_default=True,
               help="Prompts in the workload.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the best plan here.")
 @click.option("--top", type=click.IntRange(min=1, max=50), default=5, show_default=True, help="Plans to list.")

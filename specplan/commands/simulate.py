@@ -7,12 +7,14 @@ import time
 
 import click
 
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
+
 
 @click.command("simulate")
 @click.argument("plan_file", metavar="PLAN.json", type=click.Path(dir_okay=False))
-@click.option("--tokens", type=click.IntRange(min=1), default=None,
+@click.option("--tokens", type=click.IntRange(min=1, max=MAX_TOKENS), default=None,
               help="Tokens generated per prompt [default: the plan's workload.gen_len].")
-@click.option("--prompts", type=click.IntRange(min=1), default=None,
+@click.option("--prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=None,
               help="Number of prompts [default: the plan's workload.num_prompts].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draws: accepted drafts per sequence and round, routed experts per pass.")

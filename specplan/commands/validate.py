@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import click
 
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
+
 from specplan.commands._params import GIB
 
 
@@ -22,8 +24,8 @@ from specplan.commands._params import GIB
               help="Measured acceptance (a calibration.json of specplan run), measured on other prompts.")
 @click.option("--prompts", "prompts_file", metavar="FILE", default=None,
               help="Prompts, one per line or JSONL [default: the bundled English prompts].")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per run.")
-@click.option("--gen-len", type=click.IntRange(min=2), default=16, show_default=True, help="New tokens per prompt.")
+@click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=8, show_default=True, help="Prompts per run.")
+@click.option("--gen-len", type=click.IntRange(min=2, max=MAX_TOKENS), default=16, show_default=True, help="New tokens per prompt.")
 @click.option("--plans", "max_plans", type=click.IntRange(min=2, max=20), default=6, show_default=True,
               help="Plans in the grid.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/validate", show_default=True,

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from specplan.contracts.memory import kv_bytes
+from specplan.contracts.strict import Strict
 from specplan.contracts.tensors import DTYPE_BYTES, TensorTable, nbytes, tensor_table
 from specplan.contracts.tensors import WEIGHT_GROUPS, dtype_bytes  # noqa: F401  (re-exported: callers import them here)
 from specplan.errors import ContractError
@@ -22,27 +23,25 @@ Family = Literal["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "
 SUPPORTED_FAMILIES: tuple[str, ...] = Family.__args__  # type: ignore[attr-defined]
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Strict):
     """Architecture of a decoder-only transformer (dense or mixture-of-experts)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     family: Family
-    num_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0, le=1024)  # MAX_LAYERS
+    hidden_size: int = Field(gt=0, le=1 << 20)
+    num_heads: int = Field(gt=0, le=1 << 14)
+    num_kv_heads: int = Field(gt=0, le=1 << 14)
+    head_dim: int = Field(gt=0, le=1 << 14)
+    vocab_size: int = Field(gt=0, le=1 << 24)
     #: FFN width of dense layers (dense models, and the dense layers of a partly-MoE model).
-    intermediate_size: int = Field(ge=0)
-    num_experts: int = Field(0, ge=0)
+    intermediate_size: int = Field(ge=0, le=1 << 22)
+    num_experts: int = Field(0, ge=0, le=1024)  # MAX_EXPERTS
     experts_per_token: int = Field(0, ge=0)
-    moe_intermediate_size: int = Field(0, ge=0)
+    moe_intermediate_size: int = Field(0, ge=0, le=1 << 22)
     #: width of the always-on shared expert (Qwen2-MoE), 0 if none.
-    shared_expert_intermediate_size: int = Field(0, ge=0)
+    shared_expert_intermediate_size: int = Field(0, ge=0, le=1 << 22)
     #: indices of the MoE layers; the others are dense. Empty for dense models.
     moe_layers: tuple[int, ...] = ()
     norm_topk_prob: bool = True
@@ -55,7 +54,7 @@ class ModelSpec(BaseModel):
     rms_norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     rope_scaling: dict[str, Any] | None = None
-    max_position_embeddings: int = Field(4096, gt=0)
+    max_position_embeddings: int = Field(4096, gt=0, le=1 << 40)
     sliding_window: int | None = None
     #: dtype of the published checkpoint.
     dtype: str = "bfloat16"
@@ -188,102 +187,144 @@ class ModelSpec(BaseModel):
         return from_hf_config(config, name, source)
 
 
-def _get(config: dict[str, Any], *keys: str, default: Any = None, required: bool = False, source: str = "") -> Any:
+#: sizes beyond any published model: a config past them is a typo or garbage, refused before anything is built.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
+
+_EXPECTED = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object",
+             list: "a list"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _get(config: dict[str, Any], *keys: str, default: Any = None, required: bool = False, source: str = "",
+         kind: type | None = None) -> Any:
+    """The first of ``keys`` present (and not null); of type ``kind`` or a one-line ``ContractError``."""
     for k in keys:
         if k in config and config[k] is not None:
-            return config[k]
+            value = config[k]
+            if kind is not None and not _is(value, kind):
+                got = repr(value)
+                got = got if len(got) <= 60 else got[:57] + "..."
+                raise ContractError(f"{source or 'config.json'}: field '{k}': expected {_EXPECTED[kind]}, got {got}")
+            return value
     if required:
         raise ContractError(f"{source or 'config.json'}: missing '{keys[0]}'")
     return default
 
 
+def _count(config: dict[str, Any], key: str, most: int, source: str, *aliases: str, required: bool = True,
+           default: int = 0) -> int:
+    n = _get(config, key, *aliases, required=required, default=default, source=source, kind=int)
+    if not 0 <= n <= most:
+        raise ContractError(f"{source}: field '{key}': expected a whole number in 0..{most}, got {n}")
+    return n
+
+
 def from_hf_config(config: dict[str, Any], name: str | None = None, source: str = "config.json") -> ModelSpec:
-    """Map the HF config of the supported families to a ``ModelSpec``."""
+    """Map the HF config of the supported families to a ``ModelSpec``; strict about types (no coercion)."""
     if not isinstance(config, dict):
         raise ContractError(f"{source}: expected a JSON object")
     family = config.get("model_type")
-    if family not in SUPPORTED_FAMILIES:
+    if not isinstance(family, str) or family not in SUPPORTED_FAMILIES:
+        shown = repr(family) if len(repr(family)) <= 60 else repr(family)[:57] + "..."
         raise ContractError(
-            f"{source}: model_type {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+            f"{source}: model_type {shown} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    h = _get(config, "hidden_size", required=True, source=source)
-    n_heads = _get(config, "num_attention_heads", required=True, source=source)
-    n_layers = _get(config, "num_hidden_layers", required=True, source=source)
-    n_kv = _get(config, "num_key_value_heads", default=n_heads)
-    head_dim = _get(config, "head_dim", default=None)
+
+    def get(*keys: str, kind: type | None = None, default: Any = None, required: bool = False) -> Any:
+        return _get(config, *keys, default=default, required=required, source=source, kind=kind)
+
+    h = get("hidden_size", required=True, kind=int)
+    n_heads = get("num_attention_heads", required=True, kind=int)
+    n_layers = _count(config, "num_hidden_layers", MAX_LAYERS, source)
+    n_kv = get("num_key_value_heads", default=n_heads, kind=int)
+    head_dim = get("head_dim", default=None, kind=int)
     if head_dim is None:
-        if not isinstance(h, int) or not isinstance(n_heads, int) or n_heads <= 0 or h % n_heads:
+        if n_heads <= 0 or h % n_heads:
             raise ContractError(f"{source}: 'hidden_size' must be a multiple of 'num_attention_heads'")
         head_dim = h // n_heads
 
-    rope = _get(config, "rope_parameters", default=None) or {}
-    rope_theta = _get(config, "rope_theta", default=rope.get("rope_theta", 10000.0))
-    scaling = _get(config, "rope_scaling", default=None)
+    rope = get("rope_parameters", default=None, kind=dict) or {}
+    rope_theta = get("rope_theta", default=rope.get("rope_theta", 10000.0), kind=float)
+    scaling = get("rope_scaling", default=None, kind=dict)
     if scaling is None and rope.get("rope_type", "default") not in ("default", None):
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    sliding = get("sliding_window", kind=int) if get("use_sliding_window", default=True, kind=bool) else None
+    name_or_path = get("_name_or_path", kind=str)
 
     fields: dict[str, Any] = dict(
-        name=name or config.get("_name_or_path") or family,
+        name=name or name_or_path or family,
         family=family,
         num_layers=n_layers,
         hidden_size=h,
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=head_dim,
-        vocab_size=_get(config, "vocab_size", required=True, source=source),
-        intermediate_size=_get(config, "intermediate_size", default=0),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        hidden_act=_get(config, "hidden_act", default="silu"),
-        rms_norm_eps=_get(config, "rms_norm_eps", default=1e-5),
+        vocab_size=get("vocab_size", required=True, kind=int),
+        intermediate_size=get("intermediate_size", default=0, kind=int),
+        tie_word_embeddings=get("tie_word_embeddings", default=False, kind=bool),
+        hidden_act=get("hidden_act", default="silu", kind=str),
+        rms_norm_eps=get("rms_norm_eps", default=1e-5, kind=float),
         rope_theta=rope_theta,
         rope_scaling=scaling,
-        max_position_embeddings=_get(config, "max_position_embeddings", default=4096),
-        sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
-        dtype=str(_get(config, "torch_dtype", "dtype", default="bfloat16")).replace("torch.", ""),
+        max_position_embeddings=get("max_position_embeddings", default=4096, kind=int),
+        sliding_window=sliding,
+        dtype=get("torch_dtype", "dtype", default="bfloat16", kind=str).replace("torch.", ""),
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
-        mlp_bias=bool(config.get("mlp_bias", False)),
+        mlp_bias=get("mlp_bias", default=False, kind=bool),
     )
+    attention_bias = get("attention_bias", default=False, kind=bool)
     if family in ("llama", "mistral", "mixtral"):
-        fields["attention_bias"] = "qkvo" if config.get("attention_bias") else "none"
+        fields["attention_bias"] = "qkvo" if attention_bias else "none"
     elif family in ("qwen2", "qwen2_moe"):
         fields["attention_bias"] = "qkv"
     elif family in ("qwen3", "qwen3_moe", "olmoe"):
-        fields["attention_bias"] = "qkvo" if config.get("attention_bias") else "none"
+        fields["attention_bias"] = "qkvo" if attention_bias else "none"
     if family in ("qwen3", "qwen3_moe"):
         fields["qk_norm"] = "per_head"
     elif family == "olmoe":
         fields["qk_norm"] = "full"
 
     if family == "mixtral":
-        e = _get(config, "num_local_experts", "num_experts", required=True, source=source)
+        e = _count(config, "num_local_experts", MAX_EXPERTS, source, "num_experts")
         fields.update(
             num_experts=e,
-            experts_per_token=_get(config, "num_experts_per_tok", default=2),
+            experts_per_token=get("num_experts_per_tok", default=2, kind=int),
             moe_intermediate_size=fields["intermediate_size"],
             moe_layers=tuple(range(n_layers)),
             norm_topk_prob=True,
         )
     elif family == "olmoe":
         fields.update(
-            num_experts=_get(config, "num_experts", "num_local_experts", required=True, source=source),
-            experts_per_token=_get(config, "num_experts_per_tok", required=True, source=source),
+            num_experts=_count(config, "num_experts", MAX_EXPERTS, source, "num_local_experts"),
+            experts_per_token=get("num_experts_per_tok", required=True, kind=int),
             moe_intermediate_size=fields["intermediate_size"],
             moe_layers=tuple(range(n_layers)),
-            norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+            norm_topk_prob=get("norm_topk_prob", default=False, kind=bool),
         )
     elif family in ("qwen2_moe", "qwen3_moe"):
-        e = _get(config, "num_experts", "num_local_experts", required=True, source=source)
-        step = _get(config, "decoder_sparse_step", default=1) or 1
-        dense_only = set(config.get("mlp_only_layers") or [])
+        e = _count(config, "num_experts", MAX_EXPERTS, source, "num_local_experts")
+        step = get("decoder_sparse_step", default=1, kind=int) or 1
+        dense_only = get("mlp_only_layers", default=[], kind=list)
+        if not all(_is(i, int) for i in dense_only):
+            raise ContractError(f"{source}: field 'mlp_only_layers': expected a list of layer numbers")
+        dense_only = set(dense_only)
         moe_layers = tuple(i for i in range(n_layers) if e > 0 and (i + 1) % step == 0 and i not in dense_only)
         fields.update(
             num_experts=e,
-            experts_per_token=_get(config, "num_experts_per_tok", required=True, source=source),
-            moe_intermediate_size=_get(config, "moe_intermediate_size", required=True, source=source),
+            experts_per_token=get("num_experts_per_tok", required=True, kind=int),
+            moe_intermediate_size=get("moe_intermediate_size", required=True, kind=int),
             moe_layers=moe_layers,
-            norm_topk_prob=bool(config.get("norm_topk_prob", family == "qwen3_moe")),
-            shared_expert_intermediate_size=_get(config, "shared_expert_intermediate_size", default=0)
+            norm_topk_prob=get("norm_topk_prob", default=family == "qwen3_moe", kind=bool),
+            shared_expert_intermediate_size=get("shared_expert_intermediate_size", default=0, kind=int)
             if family == "qwen2_moe"
             else 0,
         )

@@ -57,10 +57,15 @@ class DraftSpec(_Strict):
         return "none"
 
 
+#: the largest workload a plan describes: beyond it, searching and simulating take hours, not seconds.
+MAX_TOKENS = 1 << 24
+MAX_PROMPTS = 1 << 16
+
+
 class Workload(_Strict):
-    prompt_len: int = Field(gt=0)  # tokens per prompt
-    gen_len: int = Field(gt=0)  # new tokens per prompt (throughput never counts tokens past this)
-    num_prompts: int = Field(gt=0)
+    prompt_len: int = Field(gt=0, le=MAX_TOKENS)  # tokens per prompt
+    gen_len: int = Field(gt=0, le=MAX_TOKENS)  # new tokens per prompt (throughput never counts tokens past this)
+    num_prompts: int = Field(gt=0, le=MAX_PROMPTS)
 
     def wave_sizes(self, wave: int) -> list[int]:
         """Sequences of each wave of at most ``wave`` sequences: full waves, then the rest."""

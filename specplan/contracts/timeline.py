@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from specplan.contracts.strict import Strict
 
@@ -58,9 +58,7 @@ def merged_busy_s(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-class Timeline(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Timeline(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     source: Literal["simulated", "measured"]
     #: free-form numbers and labels about the run (plan name, tokens generated, ...); units in key names.
