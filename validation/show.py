@@ -54,8 +54,11 @@ def show_run(plan, r: dict) -> None:
     acc = r.get("acceptance")
     if acc is not None:
         measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
-        line = (f"draft acceptance per token: assumed {acc['assumed']:.3f}, measured {measured} over "
-                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals; tokens per sequence and "
+        frac = (f"{acc['accepted_tokens']} of {acc['proposed_tokens']} proposals accepted (accepted fraction "
+                f"{acc['accepted_tokens'] / acc['proposed_tokens']:.3f})" if acc["proposed_tokens"] else "none proposed")
+        line = (f"per-token draft acceptance a (of E[tokens/round] = (1 - a^(g+1)) / (1 - a); measured: its maximum-"
+                f"likelihood estimate): assumed {acc['assumed']:.3f}, measured {measured} over "
+                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals, {frac}; tokens per sequence and "
                 f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
                 f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
         at = r.get("predicted_at_measured_acceptance")
