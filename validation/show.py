@@ -70,7 +70,12 @@ def show_run(plan, r: dict) -> None:
     caps = r["capacity_bytes"]
     out.print("peak resident bytes (allocated): " + "; ".join(
         f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
-        for tier, v in r["peak_bytes"].items()) + f"; process max RSS {human_bytes(r['max_rss_bytes'])}")
+        for tier, v in r["peak_bytes"].items()))
+    res = r["resident"]
+    verdict = "within" if res["within_limit"] else "[bold red]ABOVE[/bold red]"
+    out.print(f"process peak RSS {human_bytes(res['peak_rss_bytes'])}, {verdict} the plan's RAM bytes "
+              f"{human_bytes(res['plan_ram_bytes'])} + process headroom {human_bytes(res['headroom_process_bytes'])} "
+              f"= {human_bytes(res['limit_bytes'])} (headroom: {res['headroom_source']})")
 
 
 def show_grid(rows: list[dict], s: dict) -> None:

@@ -1,8 +1,9 @@
 """The engine's own resident bytes outside a plan's tensors: what a run holds in host RAM beyond its weights, KV
 caches, staging buffers and activations (``Overheads.process_resident_bytes``, part of a plan's host headroom).
 
-Method: a fresh Python process (so nothing the profiler itself allocated counts) imports what ``specplan run``
-imports (torch, transformers' tokenizers, the engine), initialises the device (the CUDA context on a GPU), runs a
+Method: a fresh Python process (so nothing the profiler itself allocated counts) imports the libraries a
+``specplan run`` process holds (torch, transformers' tokenizers, the engine, and for the comparison and the result
+files scipy, pandas and matplotlib), initialises the device (the CUDA context on a GPU), runs a
 tiny decoder layer and step forward on it (so the allocator, the thread pools and the kernels' code pages are in
 use), and reads its peak resident set (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). The tiny forward's
 own tensors (a few hundred KiB, counted from their shapes) are subtracted; what remains is the interpreter, the
@@ -36,9 +37,15 @@ def peak_rss_bytes() -> int:
 
 
 def _child(device: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  the run's Gantt chart
+    import pandas  # noqa: F401  the validate grid's table
+    import scipy.optimize  # noqa: F401  the planner's LP, which predicts the workload a run measured
+    import scipy.stats  # noqa: F401
     import torch
-    import transformers  # noqa: F401  the tokenizer's library, imported by every run
-    from transformers import AutoTokenizer  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401  the tokenizer's library, imported by every run
 
     from specplan.engine.execute import runtime  # noqa: F401  the engine as a run imports it
     from specplan.engine.measure.overheads import _tiny_layer, _tiny_step
@@ -76,7 +83,7 @@ def measure_process_resident(device: str = "cpu", timeout_s: float = 300) -> tup
     own = max(got["peak_rss_bytes"] - got["tensor_bytes"], 0)
     total = int(own + max(MARGIN * own, MARGIN_MIN_BYTES))
     note = (f"process_resident_bytes = peak RSS {got['peak_rss_bytes'] >> 20} MiB of a fresh process that imported "
-            f"torch {got['torch']}, transformers and the engine and ran a tiny forward on {device}, minus its "
+            f"torch {got['torch']}, transformers, scipy, pandas, matplotlib and the engine and ran a tiny forward on {device}, minus its "
             f"{got['tensor_bytes'] >> 10} KiB of tensors, plus max({MARGIN:.0%}, {MARGIN_MIN_BYTES >> 20} MiB) for "
             f"what a real run adds")
     return total, note

@@ -38,10 +38,11 @@ def compute_dtype_on(device_kind: str, dtype: str) -> str:
 
 
 #: the engine process's resident bytes outside a plan's tensors where a profile has no measured figure (published
-#: profiles). cpu: measured on a 24 GiB x86 VM with torch 2.x (271 MiB peak RSS + a 25% margin, rounded up); cuda:
-#: the CPU figure plus the CUDA context's host side and the cuBLAS / cuDNN images a first matmul loads (commonly
-#: 1-1.5 GiB of host RSS), rounded up. Measure a machine with ``specplan profile`` to replace the estimate.
-DEFAULT_PROCESS_RESIDENT_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30}
+#: profiles). cpu: ``engine.measure.resident`` on a 24 GiB x86 VM with torch 2.13 measured 388 MiB of peak RSS,
+#: 516 MiB with its margin; rounded up to 640 MiB for other library versions. cuda: that plus the CUDA context's
+#: host side and the cuBLAS / cuDNN images a first matmul loads (commonly 1-1.5 GiB of host RSS), rounded up; an
+#: estimate, not measured here. ``specplan profile`` measures a machine and replaces the estimate.
+DEFAULT_PROCESS_RESIDENT_BYTES = {"cpu": 640 << 20, "cuda": 2 << 30}
 #: host RAM left to the operating system (page tables, services, the page cache of the offload reads) whatever the
 #: plan: this fraction of the host's memory, at least ``OS_RESERVE_MIN_BYTES``.
 OS_RESERVE_FRACTION, OS_RESERVE_MIN_BYTES = 0.02, 1 << 30
