@@ -16,24 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
+from specplan.engine.io.memstat import peak_rss_bytes
+
 #: a real run's extra over the tiny forward's process (fraction of the measured bytes, and a floor), see the module.
 MARGIN, MARGIN_MIN_BYTES = 0.25, 128 << 20
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set in bytes (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _child(device: str) -> dict:
@@ -47,7 +36,8 @@ def _child(device: str) -> dict:
     import torch
     from transformers import AutoTokenizer  # noqa: F401  the tokenizer's library, imported by every run
 
-    from specplan.engine.execute import runtime  # noqa: F401  the engine as a run imports it
+    from specplan.engine.io import store  # noqa: F401  the engine's code as a run imports it (measure -> io/model)
+    from specplan.engine.model import forward  # noqa: F401
     from specplan.engine.measure.overheads import _tiny_layer, _tiny_step
 
     layer, step = _tiny_layer(device), _tiny_step(device)
