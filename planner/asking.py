@@ -3,15 +3,45 @@ drafts, acceptance or a calibration file, and the workload (``specplan search`` 
 
 from __future__ import annotations
 
-from specplan.catalog import load_model_spec, load_profile, model_config_path
+from specplan.catalog import bundled_profiles, load_model_spec, load_profile, model_config_path
 from specplan.contracts.calibration import Calibration
-from specplan.contracts.plan import Capacities, Workload
+from specplan.contracts.plan import Capacities, Headroom, Workload
 from specplan.errors import SpecplanError
 from specplan.fmt import GiB
 from specplan.jsonio import load
 from specplan.planner.ask import Ask
 from specplan.planner.drafts import choices
 
+
+def capacities(profile, vram: float, ram: float | None, disk: float | None) -> Capacities:
+    """The budgets in bytes from GiB, checked against the profile's memories; the host budget defaults to the host's
+    memory less the headroom for the OS and the engine process (``Headroom``), which is recorded in the plan."""
+    head = Headroom.of(profile)
+    mem = profile.host.memory_bytes
+    disk_bytes = int(disk * GiB) if disk else None
+    if not profile.has_host_tier:
+        if vram * GiB + head.total_bytes > mem:
+            raise SpecplanError(
+                f"--vram {vram:g} GiB plus the {head.total_bytes / GiB:.1f} GiB headroom for the OS and the engine "
+                f"process exceeds this machine's memory ({mem / GiB:.1f} GiB, shared by device and host here): pass "
+                f"--vram {max(mem - head.total_bytes, 0) / GiB:.1f} or less, or plan for a GPU box with a bundled "
+                f"profile, e.g. --profile rtx4090-pcie4 ({gpu_profiles_hint()})")
+        return Capacities(device_bytes=int(vram * GiB), disk_bytes=disk_bytes, headroom=head)
+    dev = profile.device.memory_bytes
+    if vram * GiB > dev:
+        raise SpecplanError(f"--vram {vram:g} GiB exceeds the device's memory ({dev / GiB:.1f} GiB, "
+                            f"{profile.device.name} of profile {profile.name}): pass --vram {dev / GiB:g} or less")
+    if ram is not None and ram * GiB > mem:
+        raise SpecplanError(f"--ram {ram:g} GiB exceeds the host's memory ({mem / GiB:.1f} GiB in profile "
+                            f"{profile.name}): pass --ram {(mem - head.total_bytes) / GiB:.1f} or less (the default "
+                            f"leaves {head.total_bytes / GiB:.2f} GiB to the OS and the engine process)")
+    host = int(ram * GiB) if ram is not None else mem - head.total_bytes
+    return Capacities(device_bytes=int(vram * GiB), host_bytes=host, disk_bytes=disk_bytes, headroom=head)
+
+
+def gpu_profiles_hint() -> str:
+    """The bundled profiles by name, and how to see one."""
+    return f"bundled: {', '.join(bundled_profiles())}; `specplan profile --show NAME` prints one"
 
 
 def make_ask(model: str, vram: float, ram: float | None, disk: float | None, profile_arg: str | None,
@@ -23,14 +53,7 @@ def make_ask(model: str, vram: float, ram: float | None, disk: float | None, pro
     profile = load_profile(profile_arg)
     cfg = model_config_path(model)
     local = str(cfg.parent) if cfg.name == "config.json" and any(cfg.parent.glob("*.safetensors")) else None
-    if not profile.has_host_tier:
-        if vram * GiB > profile.host.memory_bytes:
-            raise SpecplanError(f"--vram {vram:g} GiB exceeds this machine's memory "
-                                f"({profile.host.memory_bytes / GiB:.1f} GiB): device and host share it here")
-        caps = Capacities(device_bytes=int(vram * GiB), disk_bytes=int(disk * GiB) if disk else None)
-    else:
-        caps = Capacities(device_bytes=int(vram * GiB), host_bytes=int((ram or profile.host.memory_bytes / GiB) * GiB),
-                          disk_bytes=int(disk * GiB) if disk else None)
+    caps = capacities(profile, vram, ram, disk)
     calib = load(Calibration, calibration) if calibration else None
     draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib)
     workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts)

@@ -94,7 +94,9 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
     if calibration is not None:
         rec = calibration.find(label, target_name)
         if rec is not None:
-            return rec.acceptance, f"calibration: {rec.source}", True
+            frac = f", accepted fraction {rec.accepted_fraction:.3f}" if rec.accepted_fraction is not None else ""
+            return (rec.per_token_acceptance_mle,
+                    f"calibration: {rec.source} (the per-token acceptance's maximum-likelihood estimate{frac})", True)
     prior = PRIORS.get((label, target_name)) or PRIORS.get((label, None))
     if prior is None and draft.kind == "model":
         prior = PRIORS[("model", None)]

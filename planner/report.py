@@ -58,6 +58,22 @@ def text_table(headers: list[str], rows: list[list[str]], right: set[int]) -> li
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def headroom_lines(ask) -> list[str]:
+    """The host RAM reserved outside the budgets, and a warning where --ram leaves less than that."""
+    head, prof = ask.capacities.headroom, ask.profile
+    if head is None:
+        return []
+    mem = prof.host.memory_bytes
+    line = (f"headroom: {head.total_bytes / GiB:.2f} GiB of the {mem / GiB:.2f} GiB of RAM kept out of the plan: "
+            f"{head.process_bytes / GiB:.2f} GiB for the engine process ({head.source}) + "
+            f"{head.os_bytes / GiB:.2f} GiB for the OS")
+    used = ask.capacities.capacity_bytes("host", prof) if prof.has_host_tier else ask.capacities.device_bytes
+    if used + head.total_bytes > mem:
+        line += (f"; warning: the budgets leave only {max(mem - used, 0) / GiB:.2f} GiB of RAM for them, the run may "
+                 f"swap or be killed")
+    return [line]
+
+
 def search_lines(ask, result, elapsed_s: float) -> list[str]:
     """What ``specplan search`` prints: the ask, the best plans as a table, the best one's figures, notes."""
     prof, cap, wl = ask.profile, ask.capacities, ask.workload
@@ -66,6 +82,7 @@ def search_lines(ask, result, elapsed_s: float) -> list[str]:
     out = [f"{ask.model_name} on {prof.name} ({prof.provenance.kind} profile): device {cap.device_bytes / GiB:.2f} GiB, "
            f"host {host}, disk {'unlimited' if cap.disk_bytes is None else f'{cap.disk_bytes / GiB:.2f} GiB'}; "
            f"weights in {best.policy.weight_dtype}",
+           *headroom_lines(ask),
            f"workload: {wl.num_prompts} prompts x {wl.prompt_len} tokens in, {wl.gen_len} tokens out", ""]
     rows = []
     for i, plan in enumerate(result.plans, 1):

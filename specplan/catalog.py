@@ -8,6 +8,7 @@ Profiles: a path, a bundled name (``profiles/hardware/<name>.json``), or this ma
 
 from __future__ import annotations
 
+import difflib
 import os
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,12 @@ def _bundled(kind: str) -> Path:
 
 def _key(name: str) -> str:
     return name.lower().replace("_", "-").replace(" ", "-")
+
+
+def _did_you_mean(key: str, names: list[str], otherwise: str) -> str:
+    """'did you mean a or b?' with the names closest to ``key`` (difflib), else ``otherwise``."""
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5) if len(names) > 3 else names
+    return f"did you mean {' or '.join(close)}?" if close else otherwise
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -51,7 +58,7 @@ def model_config_path(name_or_path: str) -> Path:
     matches = [n for n in cat if n.startswith(key) or key in n]
     if len(matches) == 1:
         return cat[matches[0]]
-    hint = f"did you mean {' or '.join(matches)}?" if matches else "see `specplan models` for the catalog"
+    hint = _did_you_mean(key, matches or list(cat), "see `specplan models` for the catalog")
     raise SpecplanError(f"unknown model '{name_or_path}': not a file, folder or catalog name; {hint}")
 
 
@@ -106,8 +113,9 @@ def profile_path(name_or_path: str | None) -> Path:
     mine = {q.stem: q for q in measured_profiles()}
     if name_or_path in mine:
         return mine[name_or_path]
+    hint = _did_you_mean(key, [*bundled, *mine], "`specplan profile --show NAME` prints one")
     raise SpecplanError(
-        f"unknown profile '{name_or_path}': not a file, and not bundled ({', '.join(bundled)}) or measured here"
+        f"unknown profile '{name_or_path}': not a file, and not bundled ({', '.join(bundled)}) or measured here; {hint}"
     )
 
 

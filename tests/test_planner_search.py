@@ -148,6 +148,11 @@ def test_cli_calibration_and_explain(tmp_path):
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int2"], "substitute:int8"),
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "mistral-7b"], "vocabulary"),
     (["--model", "mixtral-8x22b", "--vram", "0.2", "--profile", "rtx4090-pcie4"], "short by"),
+    (["--model", "mixtral-8x7b", "--vram", "1000", "--profile", "rtx4090-pcie4"], "exceeds the device's memory"),
+    (["--model", "mixtral-8x7b", "--vram", "24", "--ram", "512", "--profile", "rtx4090-pcie4"],
+     "exceeds the host's memory"),
+    (["--model", "mixtrl-8x22b", "--vram", "4"], "did you mean mixtral-8x22b"),
+    (["--model", "mixtral-8x7b", "--vram", "4", "--profile", "rtx4090-pcie5"], "did you mean rtx4090-pcie4"),
 ])
 def test_cli_bad_input_is_one_line(args, needle):
     r = run_cli(*args)
@@ -158,8 +163,18 @@ def test_cli_bad_input_is_one_line(args, needle):
 
 def test_search_does_not_import_torch(tmp_path):
     code = ("import sys; from specplan.cli import main\n"
-            "sys.argv = ['specplan', 'search', '--model', 'mixtral-8x7b', '--vram', '24', '--profile', 't4']\n"
+            "sys.argv = ['specplan', 'search', '--model', 'mixtral-8x7b', '--vram', '16', '--profile', 't4']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "assert 'torch' not in sys.modules, 'search imported torch'\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_the_headline_command_on_a_small_cpu_machine_suggests_the_bundled_gpu_profiles():
+    from specplan.catalog import bundled_profiles, user_profiles_dir
+
+    write_json(user_profiles_dir() / "this-machine.json", cpu_profile())  # a measured 24 GiB CPU machine
+    r = run_cli("--model", "mixtral-8x22b", "--vram", "24")
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "exceeds this machine's memory" in r.output and "--profile rtx4090-pcie4" in r.output
+    assert all(name in r.output for name in bundled_profiles()) and "specplan profile --show" in r.output

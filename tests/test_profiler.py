@@ -70,6 +70,11 @@ def test_schema_roundtrip_and_content(profile, runs, tmp_path):
     assert "float32" in profile.device.dtypes and profile.device.threads == 1
     assert profile.disk.path == str(runs[1]) and profile.disk.filesystem and profile.disk.capacity_bytes > 0
     assert set(profile.overheads.samples_s) == {"per_op_s", "per_layer_s", "per_step_s", "thread_handoff_s"}
+    # the engine's own resident bytes, measured in a fresh process: torch alone holds well over 50 MiB, and a tiny
+    # forward's process stays far below the machine's memory
+    resident = profile.overheads.process_resident_bytes
+    assert resident is not None and 50 << 20 < resident < profile.host.memory_bytes // 4, resident
+    assert "process_resident_bytes = peak RSS" in pv.notes and profile.process_resident()[1].startswith("measured")
     # the disk test cleans up after itself
     assert not any(runs[1].iterdir())
 

@@ -4,6 +4,11 @@ statistics recomputed from the rows, and bad input answered with one line."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -52,3 +57,40 @@ def test_validate_runs_the_grid_and_summarises(folders, tmp_path):
 def test_validate_needs_weights(tmp_path):
     r = CliRunner().invoke(main, ["validate", "--model", "mixtral-8x7b", "--vram", "24", "--profile", "t4"])
     assert r.exit_code == 2 and r.output.startswith("Error:") and "needs an HF model folder" in r.output, r.output
+
+
+def test_validate_resumes_after_kill_9_with_every_finished_row_intact(folders, tmp_path):
+    """A sweep killed with SIGKILL after its first row keeps that row; the same command again skips the finished
+    plans (matched by plan_id, not by position) and appends the rest: every plan once, the first row untouched."""
+    moe, dense = folders
+    profile = write_json(tmp_path / "cpu.json", cpu_profile())
+    out = tmp_path / "val"
+    args = ["validate", "--model", str(moe), "--vram", "0.01", "--profile", str(profile), "--draft", "none",
+            "--draft", str(dense), "--acceptance", "0.6", "--num-prompts", "3", "--gen-len", "12", "--plans", "4",
+            "-o", str(out)]
+    csv = out / "validate.csv"
+    child = subprocess.Popen([sys.executable, "-m", "specplan", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        deadline = time.monotonic() + 240
+        while not csv.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert csv.is_file(), "the sweep ended or timed out before its first row"
+    first = pd.read_csv(csv)
+    assert len(first) >= 1 and first.plan_id.is_unique
+    print(f"killed after {len(first)} row(s)")
+    assert not (out / "summary.json").exists() or len(first) == 4  # killed before the end (unless it was that fast)
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rows = pd.read_csv(csv)
+    assert rows.plan_id.is_unique and rows.plan.tolist() == list(range(len(rows))) and 2 <= len(rows) <= 4
+    assert set(first.plan_id) <= set(rows.plan_id)
+    if len(first) < len(rows):
+        assert "resuming:" in r.output and f"{len(first)} of {len(rows)} plans already ran" in r.output
+    kept = rows.set_index("plan_id").loc[first.plan_id]  # the finished rows, as the killed sweep wrote them
+    pd.testing.assert_frame_equal(kept.reset_index()[first.columns], first, check_dtype=False)
+    assert json.loads((out / "summary.json").read_text())["plans"] == len(rows)

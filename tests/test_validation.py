@@ -5,6 +5,7 @@ end to end in test_run.py and test_validate.py)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from types import SimpleNamespace
 
@@ -97,9 +98,20 @@ def test_a_runs_measured_acceptance_becomes_a_calibration_file(speculative_plan,
     acc = {"measured": 0.55, "proposed_tokens": 300, "accepted_tokens": 165, "sequence_rounds": 100, "draft_len": 3}
     path = write_json(tmp_path / "calibration.json", calibration_of(speculative_plan, acc, tmp_path))
     rec = load(Calibration, path).acceptance[0]
-    assert rec.acceptance == 0.55 and rec.proposed_tokens == 300 and rec.accepted_tokens == 165
+    assert rec.per_token_acceptance_mle == 0.55 and rec.proposed_tokens == 300 and rec.accepted_tokens == 165
+    assert rec.accepted_fraction == pytest.approx(165 / 300)
+    written = json.loads(path.read_text())["acceptance"][0]
+    assert {"per_token_acceptance_mle", "accepted_fraction"} <= set(written) and "acceptance" not in written
     assert rec.draft == speculative_plan.draft.label and rec.target == speculative_plan.model.name
     assert "100 sequence-rounds of 3 proposals" in rec.source
+
+
+def test_an_old_calibration_file_reads_its_acceptance_as_the_mle(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema_version": 1, "created_utc": "2026-01-01T00:00:00Z", "acceptance": [
+        {"draft": "d", "acceptance": 0.925, "proposed_tokens": 576, "accepted_tokens": 434, "source": "old run"}]}))
+    rec = load(Calibration, old).acceptance[0]
+    assert rec.per_token_acceptance_mle == 0.925 and rec.accepted_fraction is None
 
 
 def test_the_demo_speedup_is_best_over_baseline():
@@ -132,12 +144,27 @@ def test_without_a_gpu_host_compute_is_the_device():
 
 
 def test_make_ask_turns_gib_into_bytes_and_checks_shared_memory(tmp_path):
-    ask = make_ask("mixtral-8x7b", 24, 64, 500, "t4", ("none",), None, None, 512, 128, 256, 5, "specplan search")
+    ask = make_ask("mixtral-8x7b", 16, 64, 500, "t4", ("none",), None, None, 512, 128, 256, 5, "specplan search")
     cap = ask.capacities
-    assert (cap.device_bytes, cap.host_bytes, cap.disk_bytes) == (24 * GiB, 64 * GiB, 500 * GiB)
+    assert (cap.device_bytes, cap.host_bytes, cap.disk_bytes) == (16 * GiB, 64 * GiB, 500 * GiB)
     assert [d.label for d in ask.drafts] == ["none"] and ask.workload.num_prompts == 256 and ask.model_path is None
     prof = write_json(tmp_path / "cpu.json", cpu_profile())
     shared = make_ask("mixtral-8x7b", 1, None, None, str(prof), ("none",), None, None, 8, 8, 1, 1)
     assert shared.capacities.host_bytes is None
-    with pytest.raises(SpecplanError, match="exceeds this machine's memory"):
+    with pytest.raises(SpecplanError, match="exceeds this machine's memory.*--profile rtx4090-pcie4"):
         make_ask("mixtral-8x7b", 10_000, None, None, str(prof), ("none",), None, None, 8, 8, 1, 1)
+
+
+def test_gpu_budgets_beyond_the_hardware_are_refused_and_the_host_keeps_a_headroom():
+    def ask(vram, ram=None):
+        return make_ask("mixtral-8x7b", vram, ram, None, "rtx4090-pcie4", ("none",), None, None, 64, 8, 1, 1)
+
+    with pytest.raises(SpecplanError, match=r"--vram 1000 GiB exceeds the device's memory \(24.0 GiB"):
+        ask(1000)
+    with pytest.raises(SpecplanError, match=r"--ram 512 GiB exceeds the host's memory \(128.0 GiB"):
+        ask(24, 512)
+    cap = ask(24).capacities
+    head = cap.headroom
+    assert head.os_bytes == int(0.02 * 128 * GiB) and head.process_bytes == 2 * GiB and "default" in head.source
+    assert cap.host_bytes == 128 * GiB - head.total_bytes  # the default host budget leaves the headroom
+    assert ask(24, 100).capacities.host_bytes == 100 * GiB

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specplan.contracts.plan import Plan, Prediction
+from specplan.contracts.plan import Headroom, Plan, Prediction
 from specplan.engine.execute.results import measured, measured_workload
 from specplan.planner.expect import expected_tokens_per_seq
 from specplan.planner.predict import predict
@@ -59,6 +59,16 @@ def signed_error(pred: float | None, meas: float | None) -> float | None:
     return (pred - meas) / meas
 
 
+def resident_check(plan: Plan, need: dict[str, dict[str, int]], peak_rss_bytes: int) -> dict[str, Any]:
+    """The process's peak resident set against the plan's bytes in RAM (the host tier's need, and the device's too
+    on a machine without a GPU) plus the headroom's process part: what the plan promises the run stays within."""
+    head = plan.capacities.headroom or Headroom.of(plan.profile)
+    ram = sum(need.get("host", {}).values()) + (0 if plan.profile.has_host_tier else sum(need.get("device", {}).values()))
+    limit = ram + head.process_bytes
+    return {"peak_rss_bytes": peak_rss_bytes, "plan_ram_bytes": ram, "headroom_process_bytes": head.process_bytes,
+            "headroom_source": head.source, "limit_bytes": limit, "within_limit": peak_rss_bytes <= limit}
+
+
 def comparison(plan: Plan, out) -> dict[str, Any]:
     """The result.json body: workload, predicted, measured, signed errors, memory."""
     pred, source = prediction_for(plan, out)
@@ -87,6 +97,7 @@ def comparison(plan: Plan, out) -> dict[str, Any]:
         "peak_bytes_by_item": out.peak_bytes,
         "capacity_bytes": {"device": plan.capacities.device_bytes, "host": plan.capacities.host_bytes},
         "max_rss_bytes": out.max_rss_bytes,
+        "resident": resident_check(plan, out.need_bytes, out.max_rss_bytes),
         "wait_s": out.wait_s,
         "wall_s": out.wall_s,
     }

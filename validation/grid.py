@@ -4,7 +4,9 @@ The grid is the search's own candidates: the best plan of each family (draft or 
 batches, expert fetch mode, where attention and experts run), best-predicted first, up to ``max_plans``; the first
 is the planner's choice. Each plan runs on the engine with the same prompts, and the simulator simulates it for the
 workload that ran. One row per plan goes to ``validate.csv`` (written again after every run, atomically: an
-interrupted sweep keeps every row it finished). The summary: the signed error ``(predicted - measured) / measured``
+interrupted sweep, even by ``kill -9``, keeps every row it finished). Run again with the same arguments and
+folder, a sweep resumes: rows whose ``plan_id`` (``plan_id``: a hash of the plan) matches a plan of the grid are
+kept as they are, the other plans run. The summary: the signed error ``(predicted - measured) / measured``
 of decode-only throughput, median and worst, for the analytic prediction and the simulation; the rank correlation
 (Spearman) of predicted and measured throughput over the grid; and the regret of the planner's choice,
 best measured / measured of the chosen plan (1.0: it chose the fastest).
@@ -12,6 +14,8 @@ best measured / measured of the chosen plan (1.0: it chose the fastest).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,13 +79,56 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     out, rows = Path(out_dir), []
     say(f"validating {len(plans)} plans of {ask.spec.name} on {ask.profile.name}: {num_prompts} prompts x "
         f"{gen_len} tokens")
+    done = finished_rows(out / "validate.csv", say)
+    resumed = [plan_id(p) for p in plans if plan_id(p) in done]
+    if resumed:
+        say(f"resuming: {len(resumed)} of {len(plans)} plans already ran (rows of {out / 'validate.csv'} matched "
+            f"by plan_id); running the other {len(plans) - len(resumed)}")
     for i, plan in enumerate(tqdm(plans, desc="plans", unit="plan", disable=None)):
+        pid = plan_id(plan)
+        if pid in done:
+            rows.append({**done[pid], "plan": i, "chosen": i == 0})
+            continue
         write_json(out / f"plan{i}.json", plan)
         result = run_plan(plan, ckpt, prompts, gen_len)
         rows.append(row(i, plan, result))
-        write_atomic(out / "validate.csv", table(rows).to_csv(index=False))
+        # after each plan, atomically: a kill leaves the previous file or this one, never half a row
+        write_atomic(out / "validate.csv", table(rows + pending(done, rows)).to_csv(index=False))
+    write_atomic(out / "validate.csv", table(rows).to_csv(index=False))
     summary = summarise(rows)
     return GridReport(rows, summary, [out / "validate.csv", write_json(out / "summary.json", summary)])
+
+
+def plan_id(plan) -> str:
+    """A plan's identity: a hash of everything that decides its run (the model, draft, profile, budgets, workload,
+    policy and placement; not when or by which command line it was written, nor the search's figures)."""
+    body = plan.model_dump(mode="json", exclude={"created_utc", "command", "prediction", "search"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_rows(csv: Path, say: Callable[[str], None]) -> dict[str, dict]:
+    """plan_id -> row of a previous sweep's validate.csv in the same folder (none if there is none)."""
+    if not csv.is_file():
+        return {}
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(csv)
+    except (OSError, ValueError) as e:
+        raise SpecplanError(f"{csv}: cannot read the previous sweep's rows ({e}); remove it or pass another "
+                            f"-o folder") from None
+    if "plan_id" not in frame.columns:
+        say(f"{csv} has no plan_id column (written before resuming existed): running every plan again")
+        return {}
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in frame.to_dict("records")]
+    return {r["plan_id"]: r for r in rows}
+
+
+def pending(done: dict[str, dict], rows: list[dict]) -> list[dict]:
+    """Finished rows of the previous sweep not yet placed in this one's order (kept until they are)."""
+    placed = {r["plan_id"] for r in rows}
+    return [r for pid, r in done.items() if pid not in placed]
 
 
 def row(i: int, plan, result) -> dict:
@@ -91,7 +138,7 @@ def row(i: int, plan, result) -> dict:
     sim = simulated_for(plan, result)
     acc = report.get("acceptance") or {}
     pol = plan.policy
-    return {"plan": i, "chosen": i == 0, "draft": plan.draft.label, "draft_len": pol.draft_len,
+    return {"plan": i, "plan_id": plan_id(plan), "chosen": i == 0, "draft": plan.draft.label, "draft_len": pol.draft_len,
             "num_batches": pol.num_batches, "decode_batch": pol.decode_batch, "prefill_batch": pol.prefill_batch,
             "expert_fetch": pol.expert_fetch, "attention_on": pol.attention_on, "experts_on": pol.experts_on,
             "prefetch_depth": pol.prefetch_depth, "acceptance_assumed": pol.acceptance,

@@ -164,8 +164,10 @@ def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok
 def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
     """The measured acceptance (``acceptance_report``) as a calibration file that ``specplan search
     --calibration`` reads."""
-    rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, acceptance=acc["measured"],
-                           proposed_tokens=acc["proposed_tokens"], accepted_tokens=acc["accepted_tokens"],
+    proposed, accepted = acc["proposed_tokens"], acc["accepted_tokens"]
+    rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, per_token_acceptance_mle=acc["measured"],
+                           accepted_fraction=accepted / proposed if proposed else None,
+                           proposed_tokens=proposed or None, accepted_tokens=accepted if proposed else None,
                            source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
                                   f"{acc['draft_len']} proposals, greedy verification")
     return Calibration(created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), acceptance=[rec])

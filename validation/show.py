@@ -54,8 +54,11 @@ def show_run(plan, r: dict) -> None:
     acc = r.get("acceptance")
     if acc is not None:
         measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
-        line = (f"draft acceptance per token: assumed {acc['assumed']:.3f}, measured {measured} over "
-                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals; tokens per sequence and "
+        frac = (f"{acc['accepted_tokens']} of {acc['proposed_tokens']} proposals accepted (accepted fraction "
+                f"{acc['accepted_tokens'] / acc['proposed_tokens']:.3f})" if acc["proposed_tokens"] else "none proposed")
+        line = (f"per-token draft acceptance a (of E[tokens/round] = (1 - a^(g+1)) / (1 - a); measured: its maximum-"
+                f"likelihood estimate): assumed {acc['assumed']:.3f}, measured {measured} over "
+                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals, {frac}; tokens per sequence and "
                 f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
                 f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
         at = r.get("predicted_at_measured_acceptance")
@@ -67,7 +70,12 @@ def show_run(plan, r: dict) -> None:
     caps = r["capacity_bytes"]
     out.print("peak resident bytes (allocated): " + "; ".join(
         f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
-        for tier, v in r["peak_bytes"].items()) + f"; process max RSS {human_bytes(r['max_rss_bytes'])}")
+        for tier, v in r["peak_bytes"].items()))
+    res = r["resident"]
+    verdict = "within" if res["within_limit"] else "[bold red]ABOVE[/bold red]"
+    out.print(f"process peak RSS {human_bytes(res['peak_rss_bytes'])}, {verdict} the plan's RAM bytes "
+              f"{human_bytes(res['plan_ram_bytes'])} + process headroom {human_bytes(res['headroom_process_bytes'])} "
+              f"= {human_bytes(res['limit_bytes'])} (headroom: {res['headroom_source']})")
 
 
 def show_grid(rows: list[dict], s: dict) -> None:

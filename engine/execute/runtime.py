@@ -6,7 +6,6 @@ run the executor, and collect the measured timeline, throughput and peak memory.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Timeline
 from specplan.engine.execute.budget import available_memory_bytes, check_budget, required_bytes
 from specplan.engine.io.directio import align_up
+from specplan.engine.io.memstat import peak_rss_bytes
 from specplan.engine.execute.executor import Executor, RunStats, SeqState
 from specplan.engine.io.offload import ensure_offload, layout_of
 from specplan.engine.execute.recorder import Recorder
@@ -157,7 +157,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
                                    ("draft_kv", plan.placement.draft_kv, ex.stats.draft_kv_peak_bytes)):
             peak[tier][item] = nbytes
     meta = _meta(plan, ex.stats, seqs, max_new_tokens, dtype_name, direct)
-    return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, _max_rss_bytes(), wait, direct, wall,
+    return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, peak_rss_bytes(), wait, direct, wall,
                      layout, dtype_name)
 
 
@@ -168,10 +168,6 @@ def _longer_than_planned(plan: Plan, prompts: Sequence[Sequence[int]], max_new_t
         return ""
     return (f" (these prompts run to {longest} tokens plus {max_new_tokens} new ones; the plan was searched for "
             f"{wl.prompt_len} plus {wl.gen_len}: search with --prompt-len {longest})")
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _meta(plan: Plan, stats: RunStats, seqs: list[SeqState], max_new_tokens: int, dtype: str,

@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from specplan.contracts.hardware import ComputeUnit, HardwareProfile, Provenance
 from specplan.engine.measure import compute as pc
 from specplan.engine.measure import links as pl
 from specplan.engine.measure.overheads import measure_overheads
+from specplan.engine.measure.resident import measure_process_resident
 from specplan.engine.measure.timing import CpuUsage, Ticker
 from specplan.errors import SpecplanError
 from specplan.fmt import GiB, KiB, MiB
@@ -238,6 +240,12 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         links = {}
     overheads, oh_note = measure_overheads(c.device, c.reps, c.min_sample_s)
     notes.append(oh_note)
+    try:
+        resident, resident_note = measure_process_resident(c.device)
+        overheads = overheads.model_copy(update={"process_resident_bytes": resident})
+        notes.append(resident_note)
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        notes.append(f"process_resident_bytes not measured ({e}): plans use the default for the device kind")
     ticker.tick("overheads")
     disk_links, disk = pl.measure_disk(c.offload_dir, c.link_sizes, c.reps, c.disk_file_bytes, ticker,
                                        c.disk_stream_s)

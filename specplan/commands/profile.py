@@ -125,7 +125,7 @@ def _show(name: str, png: str | None) -> None:
 
 def _print_summary(p) -> None:
     """The headline figures of a fresh profile, one line each."""
-    from specplan.fmt import console, human_rate, human_seconds
+    from specplan.fmt import console, human_bytes, human_rate, human_seconds
 
     con = console()
     d = p.device
@@ -133,6 +133,7 @@ def _print_summary(p) -> None:
         con.print(f"device {dtype} matmul: peak {human_rate(d.peak_matmul_flops(dtype), 'FLOP/s')}, "
                   f"m=1 {human_rate(d.matmul_flops(dtype, 1, 4096, 4096), 'FLOP/s')} (4096x4096 or nearest)")
     con.print(f"memory bandwidth: {human_rate(d.memory_bandwidth_Bps.median, 'B/s')}")
+    con.print(f"engine process resident bytes (outside a plan's tensors): {human_bytes(p.process_resident()[0])}")
     for name in ("disk_read_direct", "disk_read_buffered", "disk_write", "h2d_pinned"):
         link = p.link(name)
         if link is not None:
@@ -208,6 +209,9 @@ def print_profile(p) -> None:
         t.add_row(name, human_seconds(getattr(p.overheads, name)), *(
             (human_seconds(s.min), human_seconds(s.max)) if s else ("-", "-")))
     con.print(t)
+    resident, source = p.process_resident()
+    con.print(f"engine process resident bytes outside a plan's tensors: {human_bytes(resident)} ({source}); with "
+              f"{human_bytes(p.os_reserve_bytes())} for the OS, plans leave them out of the host's memory")
     if pv.notes:
         con.print("notes: " + pv.notes)
 

@@ -4,10 +4,16 @@ One record per (draft, target) pair, written by whoever measured it (``specplan 
 hand from a published figure, saying so in ``source``)::
 
     {"schema_version": 1, "created_utc": "...",
-     "acceptance": [{"draft": "substitute:int4", "target": "mixtral-8x22b", "acceptance": 0.91,
-                     "proposed_tokens": 4096, "accepted_tokens": 3502, "source": "specplan run results/..."}]}
+     "acceptance": [{"draft": "substitute:int4", "target": "mixtral-8x22b", "per_token_acceptance_mle": 0.91,
+                     "accepted_fraction": 0.855, "proposed_tokens": 4096, "accepted_tokens": 3502,
+                     "source": "specplan run results/..."}]}
 
-``acceptance`` is the per-token probability ``a`` of the model ``E[tokens per round] = (1 - a^(g+1)) / (1 - a)``.
+``per_token_acceptance_mle`` is the figure the planner uses: the per-token acceptance ``a`` of the model
+``P(at least i of g proposals accepted) = a^i``, so ``E[tokens per round] = (1 - a^(g+1)) / (1 - a)``; measured, its
+maximum-likelihood estimate accepted / (accepted + rounds that stopped at a rejection). It is not
+``accepted_fraction`` = accepted_tokens / proposed_tokens, which is lower: a rejection ends the round, and the
+proposals after it count as proposed but are never tried. Files written before the two were named say
+``"acceptance"`` for ``per_token_acceptance_mle``; they read the same.
 """
 
 from __future__ import annotations
@@ -24,10 +30,19 @@ SCHEMA_VERSION = 1
 class AcceptanceRecord(Strict):
     draft: str = Field(min_length=1)  # draft label: "substitute:int4", a catalog name or a folder name
     target: str | None = None  # the target it was measured against; None = any
-    acceptance: float = Field(ge=0, le=1)
+    per_token_acceptance_mle: float = Field(ge=0, le=1)  # ``a`` of the model above (what the planner uses)
+    accepted_fraction: float | None = Field(None, ge=0, le=1)  # accepted_tokens / proposed_tokens
     proposed_tokens: int | None = Field(None, ge=1)  # draft tokens the target checked
     accepted_tokens: int | None = Field(None, ge=0)
     source: str = Field(min_length=1)  # how it was measured
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data):
+        """Files written before the figure was named: ``acceptance`` is ``per_token_acceptance_mle``."""
+        if isinstance(data, dict) and "acceptance" in data and "per_token_acceptance_mle" not in data:
+            data = {("per_token_acceptance_mle" if k == "acceptance" else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _counts(self) -> "AcceptanceRecord":

@@ -37,6 +37,17 @@ def compute_dtype_on(device_kind: str, dtype: str) -> str:
     return "float32" if device_kind == "cpu" else dtype
 
 
+#: the engine process's resident bytes outside a plan's tensors where a profile has no measured figure (published
+#: profiles). cpu: ``engine.measure.resident`` on a 24 GiB x86 VM with torch 2.13 measured 388 MiB of peak RSS,
+#: 516 MiB with its margin; rounded up to 640 MiB for other library versions. cuda: that plus the CUDA context's
+#: host side and the cuBLAS / cuDNN images a first matmul loads (commonly 1-1.5 GiB of host RSS), rounded up; an
+#: estimate, not measured here. ``specplan profile`` measures a machine and replaces the estimate.
+DEFAULT_PROCESS_RESIDENT_BYTES = {"cpu": 640 << 20, "cuda": 2 << 30}
+#: host RAM left to the operating system (page tables, services, the page cache of the offload reads) whatever the
+#: plan: this fraction of the host's memory, at least ``OS_RESERVE_MIN_BYTES``.
+OS_RESERVE_FRACTION, OS_RESERVE_MIN_BYTES = 0.02, 1 << 30
+
+
 class Stat(Strict):
     """A measured quantity over repeated samples (a published figure has min = median = max)."""
 
@@ -185,6 +196,10 @@ class Overheads(Strict):
     per_layer_s: float = Field(ge=0)  # python and bookkeeping per transformer layer
     per_step_s: float = Field(ge=0)  # per forward pass (sampling, batch bookkeeping)
     thread_handoff_s: float = Field(ge=0)  # handing a ready buffer from the prefetch thread to the compute thread
+    #: host RAM the engine process holds outside a plan's tensors (interpreter, torch and its libraries, the CUDA
+    #: context's host side, allocator arenas, thread stacks), measured by ``specplan profile``
+    #: (``engine.measure.resident``); None: ``DEFAULT_PROCESS_RESIDENT_BYTES`` of the device kind.
+    process_resident_bytes: int | None = Field(None, gt=0)
     #: measured profiles: the samples behind each figure above, by field name (min / median / max).
     samples_s: dict[str, Stat] | None = None
 
@@ -244,6 +259,18 @@ class HardwareProfile(Strict):
         """Whether host memory is a tier of its own (a GPU machine). Without one (``shared_memory``) nothing is
         placed on a separate host tier, host compute is the device's, and fetches are disk reads only."""
         return not self.shared_memory
+
+    def process_resident(self) -> tuple[int, str]:
+        """(bytes, source): the engine process's own resident bytes outside a plan's tensors on this machine."""
+        measured = self.overheads.process_resident_bytes
+        if measured is not None:
+            return measured, f"measured by specplan profile ({self.provenance.kind} profile {self.name})"
+        return DEFAULT_PROCESS_RESIDENT_BYTES[self.device.kind], (
+            f"the default for a {self.device.kind} machine: profile {self.name} has no measured figure")
+
+    def os_reserve_bytes(self) -> int:
+        """Host RAM left to the operating system: ``OS_RESERVE_FRACTION`` of it, at least ``OS_RESERVE_MIN_BYTES``."""
+        return max(OS_RESERVE_MIN_BYTES, int(OS_RESERVE_FRACTION * self.host.memory_bytes))
 
     def default_dtypes(self, model_dtype: str) -> tuple[str, str]:
         """(weight dtype, KV dtype) for a model stored in ``model_dtype`` on this machine's device."""

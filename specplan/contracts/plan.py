@@ -172,6 +172,25 @@ class Placement(_Strict):
         return cls(embed=tier, lm_head=tier, final_norm=tier, layers=layers)
 
 
+class Headroom(_Strict):
+    """Host RAM a plan leaves outside its budgets, in bytes: the engine process's own resident bytes outside the
+    plan's tensors (``HardwareProfile.process_resident``) and a reserve for the operating system. A run's peak
+    resident set stays within the plan's host-RAM bytes plus ``process_bytes``."""
+
+    process_bytes: int = Field(ge=0)
+    os_bytes: int = Field(ge=0)
+    source: str = Field(min_length=1)  # where process_bytes comes from (measured, or the documented default)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.process_bytes + self.os_bytes
+
+    @classmethod
+    def of(cls, profile: HardwareProfile) -> "Headroom":
+        process, source = profile.process_resident()
+        return cls(process_bytes=process, os_bytes=profile.os_reserve_bytes(), source=source)
+
+
 class Capacities(_Strict):
     """Budgets the plan was made for, in bytes; ``capacity_bytes`` resolves the one a tier has."""
 
@@ -181,6 +200,8 @@ class Capacities(_Strict):
     host_bytes: int | None = Field(None, gt=0)
     #: None = not limited.
     disk_bytes: int | None = Field(None, gt=0)
+    #: host RAM reserved outside the budgets (the process and the OS); None in plans written before it existed.
+    headroom: Headroom | None = None
 
     def capacity_bytes(self, tier: str, profile: HardwareProfile) -> int | None:
         """The effective budget of ``tier`` on ``profile``'s machine; None only for an unlimited disk."""
