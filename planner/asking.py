@@ -3,7 +3,7 @@ drafts, acceptance or a calibration file, and the workload (``specplan search`` 
 
 from __future__ import annotations
 
-from specplan.catalog import bundled_profiles, load_model_spec, load_profile, model_config_path
+from specplan.catalog import bundled_profiles, load_model_spec, load_profile, model_weights
 from specplan.contracts.calibration import Calibration
 from specplan.contracts.plan import Capacities, Headroom, Workload
 from specplan.errors import SpecplanError
@@ -51,8 +51,7 @@ def make_ask(model: str, vram: float, ram: float | None, disk: float | None, pro
     ``drafts`` empty: every draft that fits the model; ``command``: the invocation recorded in the plans."""
     spec = load_model_spec(model)
     profile = load_profile(profile_arg)
-    cfg = model_config_path(model)
-    local = str(cfg.parent) if cfg.name == "config.json" and any(cfg.parent.glob("*.safetensors")) else None
+    local = model_weights(model)
     caps = capacities(profile, vram, ram, disk)
     calib = load(Calibration, calibration) if calibration else None
     draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib)

@@ -11,6 +11,7 @@ This is the only place the formulas live; search, prediction and simulator all c
 from __future__ import annotations
 
 from specplan.contracts.hardware import ComputeUnit, HardwareProfile
+from specplan.contracts.tensors import unpacked_dtype
 from specplan.contracts.timeline import physical_resource as physical_of
 from specplan.errors import ContractError
 from specplan.planner.ops import COMPUTE_RESOURCES, Op
@@ -30,11 +31,11 @@ def compute_unit(resource: str, profile: HardwareProfile) -> ComputeUnit:
 
 
 def compute_dtype(unit: ComputeUnit, dtype: str | None) -> str:
-    """The dtype whose matmul figures apply: the op's own, or float32 when the unit has none for it
-    (a CPU without bf16 figures computes bf16 weights after converting them)."""
+    """The dtype whose matmul figures apply: the op's own (a GGUF block format: the dtype it unpacks to), or
+    float32 when the unit has none for it (a CPU without bf16 figures computes bf16 weights after converting them)."""
     have = unit.dtypes
-    if dtype in have:
-        return dtype  # type: ignore[return-value]
+    if dtype is not None and unpacked_dtype(dtype) in have:
+        return unpacked_dtype(dtype)
     return "float32" if "float32" in have else have[0]
 
 

@@ -51,7 +51,7 @@ def parse_draft(value: str, target: ModelSpec) -> DraftSpec:
         if bits is None:
             raise SpecplanError(f"unknown substitute draft '{value}': use substitute:int8 or substitute:int4")
         return DraftSpec(kind="substitute", bits=bits)
-    from specplan.catalog import load_model_spec, model_config_path
+    from specplan.catalog import load_model_spec, model_weights
 
     spec = load_model_spec(v)
     if spec.vocab_size != target.vocab_size:
@@ -59,9 +59,7 @@ def parse_draft(value: str, target: ModelSpec) -> DraftSpec:
                             f"{target.vocab_size}: a draft must share the target's tokenizer")
     if spec.total_params >= target.total_params:
         raise SpecplanError(f"draft '{value}' ({spec.total_params / 1e9:.1f}B parameters) is not smaller than the target")
-    path = model_config_path(v).parent
-    local = str(path) if (path / "config.json").is_file() and any(path.glob("*.safetensors")) else None
-    return DraftSpec(kind="model", name=spec.name, path=local, spec=spec)
+    return DraftSpec(kind="model", name=spec.name, path=model_weights(v), spec=spec)
 
 
 #: catalog models the search tries as drafts when their vocabulary matches the target's and they are much smaller.

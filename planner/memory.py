@@ -42,7 +42,7 @@ def substitute_bytes(c: Costing, unit: str, tier: str) -> float:
     (a tied head gets its own copy: the draft computes logits on the device)."""
     if not c.substitute_bits or tier == "device" or unit in ("embed", "kv", "draft"):
         return 0.0
-    return c.quantised(c.sizes[unit])
+    return c.quantised(unit)
 
 
 def activation_bytes(c: Costing, p: Pass) -> float:

@@ -18,6 +18,7 @@ from functools import cached_property
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.memory import causal_positions, kv_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
+from specplan.contracts.tensors import param_bytes, unpacked_dtype
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
 from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
 from specplan.planner.ops import Op, Phase
@@ -56,13 +57,9 @@ class Costing:
         return not self.profile.has_host_tier
 
     @cached_property
-    def w(self) -> float:
-        return dtype_bytes(self.weight_dtype)
-
-    @cached_property
     def act(self) -> float:
-        """Bytes per activation element (the engine computes in the weight dtype)."""
-        return self.w
+        """Bytes per activation element: the weight dtype's (unpacked for a GGUF block format)."""
+        return dtype_bytes(unpacked_dtype(self.weight_dtype))
 
     @cached_property
     def params(self) -> dict[str, int]:
@@ -103,8 +100,14 @@ class Costing:
 
     @cached_property
     def sizes(self) -> dict[str, float]:
-        """Bytes of one unit of each weight kind at the weight dtype."""
-        return {kind: n * self.w for kind, n in self.params.items()}
+        """Bytes of one unit of each weight kind at the weight dtype (each group in its own format where the
+        checkpoint mixes them: ``contracts.tensors.param_bytes``)."""
+        head = "embed" if self.spec.tensors.tied_head else "lm_head"
+        group = {"attention": "attention", "mlp": "mlp", "expert": "experts", "shared": "shared_experts",
+                 "embed": "embed", "lm_head": head, "router_norms": "norms_router", "norms": "norms_router",
+                 "final_norm": "norms_router"}
+        return {kind: n * param_bytes(self.spec, group[kind], self.weight_dtype)
+                for kind, n in self.params.items()}
 
     def kv_layer_bytes(self, seqs: int, positions: int) -> int:
         """KV bytes of one layer for ``seqs`` sequences of ``positions`` positions, at the KV dtype."""
@@ -118,9 +121,9 @@ class Costing:
         """KV bytes of the draft model (all its layers) for ``seqs`` sequences of ``positions`` positions."""
         return kv_bytes(self.draft_spec, self.kv_dtype, seqs, positions) if self.draft_spec else 0
 
-    def quantised(self, nbytes: float) -> float:
-        """Bytes of the substitute copy of ``nbytes`` of weights."""
-        return nbytes * (self.substitute_bits or 0) / 8 / self.w
+    def quantised(self, kind: str) -> float:
+        """Bytes of the substitute copy of one unit of weight kind ``kind``."""
+        return self.params[kind] * (self.substitute_bits or 0) / 8
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,7 @@ def _handoff(fetches: list[Op], n: float = 1) -> tuple[tuple[str, float], ...]:
 
 def _weight_bytes(c: Costing, p: Pass, kind: str, tier: str) -> float:
     """Bytes a compute op reads for one unit: the tensor, or its quantised copy in a substitute draft step."""
-    full = c.sizes[kind]
-    return c.quantised(full) if p.substitute and tier != "device" else full
+    return c.quantised(kind) if p.substitute and tier != "device" else c.sizes[kind]
 
 
 # ---- units -------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Finding models and hardware profiles by short name or path.
 
-Models: a path to a ``config.json`` or to a model folder, or a name from the bundled catalog
+Models: a path to a ``config.json``, to a model folder or to a GGUF file, or a name from the bundled catalog
 (``profiles/models/<name>.json``, the published config.json of well-known models).
 Profiles: a path, a bundled name (``profiles/hardware/<name>.json``), or this machine's measured profiles in
 ``$SPECPLAN_HOME/profiles`` (default ``~/.specplan/profiles``).
@@ -16,6 +16,7 @@ from pathlib import Path
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import ModelSpec, from_hf_config
 from specplan.errors import SpecplanError
+from specplan.gguf import is_gguf, load_gguf_spec
 from specplan.jsonio import load, read_json
 
 
@@ -63,11 +64,25 @@ def model_config_path(name_or_path: str) -> Path:
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:
+    """The ``ModelSpec`` of a catalog name, an HF ``config.json`` or folder, or a GGUF file (``specplan.gguf``)."""
     cfg = model_config_path(name_or_path)
+    if is_gguf(cfg):
+        return load_gguf_spec(cfg)
     data = read_json(cfg)
     in_catalog = cfg.parent == _bundled("models")
     name = cfg.stem if in_catalog else (cfg.parent.name if cfg.name == "config.json" else cfg.stem)
     return from_hf_config(data, name=name, source=str(cfg))
+
+
+def model_weights(name_or_path: str) -> str | None:
+    """Where the weights of a model argument are on this machine: its HF folder (config.json and safetensors),
+    its GGUF file, or None (a catalog name, a bare config.json)."""
+    cfg = model_config_path(name_or_path)
+    if is_gguf(cfg):
+        return str(cfg.resolve())
+    if cfg.name == "config.json" and any(cfg.parent.glob("*.safetensors")):
+        return str(cfg.parent)
+    return None
 
 
 # ---- hardware profiles ------------------------------------------------------------------------------------------

@@ -56,12 +56,14 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     from tqdm import tqdm
 
     from specplan.catalog import model_config_path
+    from specplan.gguf import refuse_gguf_weights
     from specplan.engine.execute.runtime import run_plan
     from specplan.engine.model.checkpoint import open_checkpoint
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
     from specplan.validation.runs import read_prompts
 
+    refuse_gguf_weights(model_config_path(model), "--model")
     folder = model_config_path(model).parent
     if not any(folder.glob("*.safetensors")):
         raise SpecplanError(f"{model}: no weights there; validate runs plans, so it needs an HF model folder")

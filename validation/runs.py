@@ -17,6 +17,7 @@ from typing import Any
 from specplan.contracts.calibration import AcceptanceRecord, Calibration
 from specplan.contracts.plan import Plan
 from specplan.errors import SpecplanError
+from specplan.gguf import refuse_gguf_weights
 from specplan.jsonio import load, read_text, write_atomic, write_json
 
 
@@ -68,6 +69,8 @@ def open_model(plan: Plan, model_dir: str | None):
     from specplan.engine.model.checkpoint import open_checkpoint
 
     if model_dir is None:
+        if plan.model.path is not None:
+            refuse_gguf_weights(plan.model.path, "the plan's model")
         if plan.model.path is None:
             raise SpecplanError(f"the plan is for the catalog model '{plan.model.name}', whose weights are not here; "
                                 f"pass --model DIR with the weights of {plan.model.name}")
@@ -75,6 +78,7 @@ def open_model(plan: Plan, model_dir: str | None):
             raise SpecplanError(f"the plan's model folder {plan.model.path} does not exist here; pass --model DIR "
                                 f"with the weights of {plan.model.name}")
         model_dir = plan.model.path
+    refuse_gguf_weights(model_dir, "--model")
     ckpt = open_checkpoint(model_dir)
     check_same_architecture(plan.model.spec, ckpt.spec, f"--model {model_dir}")
     return ckpt

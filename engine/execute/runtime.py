@@ -17,6 +17,7 @@ import torch
 from specplan.contracts.hardware import compute_dtype_on
 from specplan.contracts.memory import kv_capacity
 from specplan.contracts.model import ModelSpec
+from specplan.contracts.tensors import GGUF_BLOCKS
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Timeline
 from specplan.engine.execute.budget import available_memory_bytes, check_budget, required_bytes
@@ -28,6 +29,7 @@ from specplan.engine.execute.recorder import Recorder
 from specplan.engine.execute.speculative import DraftModel
 from specplan.engine.io.store import StoreLayout, layout_for, open_store
 from specplan.errors import InfeasibleError, SpecplanError
+from specplan.gguf import refuse_gguf_weights
 
 #: ModelSpec fields that name or describe a checkpoint rather than its architecture.
 NOT_ARCHITECTURE = {"name", "dtype", "schema_version", "bos_token_id", "eos_token_id", "max_position_embeddings"}
@@ -66,6 +68,8 @@ def open_draft_checkpoint(plan: Plan, folder: str | None):
 
     d = plan.draft
     folder = folder or d.path
+    if folder is not None:
+        refuse_gguf_weights(folder, "the draft")
     if folder is None:
         raise SpecplanError(f"the plan's draft {d.name} has no weights here; pass --draft-model DIR with the weights "
                             f"of {d.name}")
@@ -79,6 +83,9 @@ def open_draft_checkpoint(plan: Plan, folder: str | None):
 
 def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
     """The dtype this device computes the plan's weights in (``contracts.hardware.compute_dtype_on``)."""
+    if plan.policy.weight_dtype in GGUF_BLOCKS:
+        raise SpecplanError(f"the plan stores weights as {plan.policy.weight_dtype} (a GGUF format); the engine "
+                            f"computes in float32, bfloat16 or float16: re-plan the model from an HF folder")
     name = compute_dtype_on(device.type, plan.policy.weight_dtype)
     if name not in ("float32", "bfloat16", "float16"):
         raise SpecplanError(f"the engine computes in float32, bfloat16 or float16; the plan asks for weights in "

@@ -7,16 +7,17 @@ import json
 import click
 
 from specplan.contracts.model import DTYPE_BYTES, WEIGHT_GROUPS
+from specplan.contracts.tensors import PLAIN_DTYPES, param_bytes
 
 
 @click.command("models")
 @click.argument("name", required=False)
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default=None, help="Weight dtype for byte counts [default: the checkpoint's].")
-@click.option("--kv-dtype", type=click.Choice(sorted(DTYPE_BYTES)), default=None, help="KV-cache dtype [default: the checkpoint's].")
+@click.option("--kv-dtype", type=click.Choice(sorted(PLAIN_DTYPES)), default=None, help="KV-cache dtype [default: the checkpoint's; float16 for a GGUF].")
 @click.option("--context", "context_len", type=click.IntRange(min=0), default=4096, show_default=True, help="Context length for the attention FLOPs per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (numbers as numbers, units in key names).")
 def command(name: str | None, dtype: str | None, kv_dtype: str | None, context_len: int, as_json: bool) -> None:
-    """List the model catalog, or show one model (catalog NAME, config.json or HF folder).
+    """List the model catalog, or show one model (catalog NAME, config.json, HF folder or GGUF file).
 
     For one model: parameters (total, and active per token), bytes per tensor group at a dtype, KV-cache bytes per
     token, FLOPs per token.
@@ -39,7 +40,7 @@ def command(name: str | None, dtype: str | None, kv_dtype: str | None, context_l
 
 def _details(spec, dtype: str | None, kv_dtype: str | None, context_len: int) -> dict:
     dtype = dtype or spec.dtype
-    kv_dtype = kv_dtype or spec.dtype
+    kv_dtype = kv_dtype or spec.kv_dtype
     return {
         "name": spec.name,
         "family": spec.family,
@@ -48,6 +49,7 @@ def _details(spec, dtype: str | None, kv_dtype: str | None, context_len: int) ->
         "active_params": spec.active_params,
         "params_by_group": spec.param_counts(),
         "bytes_by_group": spec.group_bytes(dtype),
+        "bytes_per_param_by_group": {g: param_bytes(spec, g, dtype) for g in WEIGHT_GROUPS},
         "weight_bytes": spec.weight_bytes(dtype),
         "expert_bytes": spec.expert_bytes(dtype),
         "kv_dtype": kv_dtype,
@@ -93,11 +95,14 @@ def _print_one(spec, dtype: str | None, kv_dtype: str | None, context_len: int) 
     t.add_column("group")
     t.add_column("parameters", justify="right")
     t.add_column("bytes", justify="right")
+    t.add_column("bits / parameter", justify="right")
     for g in WEIGHT_GROUPS:
         n = d["params_by_group"][g]
         if n:
-            t.add_row(g, f"{n:,}", human_bytes(d["bytes_by_group"][g]))
-    t.add_row("[bold]total[/bold]", f"{d['total_params']:,}", human_bytes(d["weight_bytes"]))
+            t.add_row(g, f"{n:,}", human_bytes(d["bytes_by_group"][g]),
+                      f"{8 * d['bytes_per_param_by_group'][g]:.2f}")
+    t.add_row("[bold]total[/bold]", f"{d['total_params']:,}", human_bytes(d["weight_bytes"]),
+              f"{8 * d['weight_bytes'] / d['total_params']:.2f}")
     out.print(t)
     if spec.is_moe:
         out.print(f"one expert: {human_bytes(d['expert_bytes'])}")

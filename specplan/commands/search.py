@@ -14,7 +14,8 @@ DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
 
 @click.command("search")
-@click.option("--model", required=True, help="Catalog name (see `specplan models`), config.json or HF model folder.")
+@click.option("--model", required=True, help="Catalog name (see `specplan models`), config.json, HF model folder or GGUF file (planned at its "
+                   "quantised size; `run` needs the HF folder).")
 @click.option("--vram", type=GIB, required=True,
               help="Device memory budget in GiB (2^30 bytes). Without a GPU: the RAM budget for resident weights, "
                    "KV cache and buffers; the rest streams from disk.")

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from specplan.contracts.strict import Strict
+from specplan.contracts.tensors import GGUF_BLOCKS, unpacked_dtype
 from specplan.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -273,9 +274,10 @@ class HardwareProfile(Strict):
         return max(OS_RESERVE_MIN_BYTES, int(OS_RESERVE_FRACTION * self.host.memory_bytes))
 
     def default_dtypes(self, model_dtype: str) -> tuple[str, str]:
-        """(weight dtype, KV dtype) for a model stored in ``model_dtype`` on this machine's device."""
-        w = compute_dtype_on(self.device.kind, model_dtype)
-        return w, w
+        """(weight dtype, KV dtype) for a model stored in ``model_dtype`` on this machine's device: a GGUF block
+        format stays as stored (its KV cache unpacked), a plain dtype is computed as ``compute_dtype_on`` says."""
+        kv = compute_dtype_on(self.device.kind, unpacked_dtype(model_dtype))
+        return (model_dtype if model_dtype in GGUF_BLOCKS else kv), kv
 
     def link(self, name: str) -> Link | None:
         return self.links.get(name)

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from specplan.contracts.memory import kv_bytes
 from specplan.contracts.strict import Strict
-from specplan.contracts.tensors import DTYPE_BYTES, TensorTable, nbytes, tensor_table
+from specplan.contracts.tensors import DTYPE_BYTES, TensorTable, group_nbytes, tensor_table, unpacked_dtype
 from specplan.contracts.tensors import WEIGHT_GROUPS, dtype_bytes  # noqa: F401  (re-exported: callers import them here)
 from specplan.errors import ContractError
 
@@ -56,8 +56,12 @@ class ModelSpec(Strict):
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = Field(4096, gt=0, le=1 << 40)
     sliding_window: int | None = None
-    #: dtype of the published checkpoint.
+    #: dtype of the published checkpoint (a GGUF file: the block format holding most of its parameters).
     dtype: str = "bfloat16"
+    #: bytes per parameter of the weight groups a checkpoint stores otherwise than ``dtype`` says (a GGUF's
+    #: embedding in q8_0, norms in float32, a q6_k tensor among q4_k ones: the group's average over its tensors);
+    #: empty for checkpoints with one dtype. Read through ``contracts.tensors.param_bytes``.
+    group_bytes_per_param: dict[str, float] = {}
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
@@ -80,6 +84,11 @@ class ModelSpec(Strict):
             raise ValueError("dense layers need intermediate_size > 0")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype '{self.dtype}'")
+        if set(self.group_bytes_per_param) - set(WEIGHT_GROUPS):
+            raise ValueError(f"group_bytes_per_param: unknown groups "
+                             f"{sorted(set(self.group_bytes_per_param) - set(WEIGHT_GROUPS))}")
+        if not all(0 < b <= 8 for b in self.group_bytes_per_param.values()):
+            raise ValueError("group_bytes_per_param: bytes per parameter must lie in (0, 8]")
         return self
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -131,8 +140,9 @@ class ModelSpec(Strict):
         return sum(self.active_param_counts().values())
 
     def group_bytes(self, dtype: str | None = None) -> dict[str, int]:
-        """Bytes per weight group at ``dtype`` (default: the checkpoint's)."""
-        return {g: nbytes(n, dtype or self.dtype) for g, n in self.param_counts().items()}
+        """Bytes per weight group at ``dtype`` (default: the checkpoint's, with its per-group formats)."""
+        d = dtype or self.dtype
+        return {g: group_nbytes(self, g, n, d) for g, n in self.param_counts().items()}
 
     def weight_bytes(self, dtype: str | None = None) -> int:
         return sum(self.group_bytes(dtype).values())
@@ -141,13 +151,18 @@ class ModelSpec(Strict):
         """Bytes of one routed expert (the unit the engine places and streams); 0 for a dense model."""
         if not self.is_moe:
             return 0
-        return nbytes(self.tensors.params("experts", self.moe_layers[0], 0), dtype or self.dtype)
+        return group_nbytes(self, "experts", self.tensors.params("experts", self.moe_layers[0], 0), dtype or self.dtype)
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's default dtype: the checkpoint's, unpacked for a GGUF block format (float16)."""
+        return unpacked_dtype(self.dtype)
 
     # ---- KV cache and FLOPs ------------------------------------------------------------------------------------
 
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         """KV-cache bytes one token adds, over all layers (K and V)."""
-        return kv_bytes(self, dtype or self.dtype, 1, 1)
+        return kv_bytes(self, dtype or self.kv_dtype, 1, 1)
 
     def matmul_flops_per_token(self) -> int:
         """Weight-matmul FLOPs of one token (2 per multiply-add), excluding attention over the context.
@@ -174,7 +189,7 @@ class ModelSpec(Strict):
             "active_params": self.active_params,
             "weight_bytes": self.weight_bytes(dtype),
             "dtype": dtype,
-            "kv_bytes_per_token": self.kv_bytes_per_token(dtype),
+            "kv_bytes_per_token": self.kv_bytes_per_token(unpacked_dtype(dtype)),
             "flops_per_token": self.flops_per_token(0),
             "flops_per_token_at_4096_context": self.flops_per_token(4096),
         }

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import DTYPE_BYTES, ModelSpec
 from specplan.contracts.strict import Strict as _Strict
-from specplan.contracts.tensors import nbytes
+from specplan.contracts.tensors import group_nbytes
 
 SCHEMA_VERSION = 1
 
@@ -138,7 +138,7 @@ class Placement(_Strict):
         out: dict[str, dict[str, int]] = {}
         for group, layer, expert, params in spec.tensors.instances():
             row = out.setdefault(group, {t: 0 for t in TIERS})
-            row[self.tier_of(group, layer, expert)] += nbytes(params, weight_dtype)
+            row[self.tier_of(group, layer, expert)] += group_nbytes(spec, group, params, weight_dtype)
         return out
 
     def tier_of(self, group: str, layer: int | None, expert: int | None) -> Tier:

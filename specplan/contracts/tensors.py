@@ -19,8 +19,8 @@ from specplan.errors import ContractError
 if TYPE_CHECKING:
     from specplan.contracts.model import ModelSpec
 
-#: bytes per element of the dtypes specplan plans with (int4 packs two values per byte).
-DTYPE_BYTES: dict[str, float] = {
+#: bytes per element of the plain dtypes the engine and the planner compute with (int4 packs two values per byte).
+PLAIN_DTYPES: dict[str, float] = {
     "float64": 8,
     "float32": 4,
     "bfloat16": 2,
@@ -28,6 +28,17 @@ DTYPE_BYTES: dict[str, float] = {
     "int8": 1,
     "int4": 0.5,
 }
+#: GGUF block formats (llama.cpp's ggml types): (elements per block, bytes per block), scales included. A model read
+#: from a GGUF file is planned at these sizes; the engine does not compute in them.
+GGUF_BLOCKS: dict[str, tuple[int, int]] = {
+    "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
+    "q2_k": (256, 84), "q3_k": (256, 110), "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+    "iq1_s": (256, 50), "iq1_m": (256, 56), "iq2_xxs": (256, 66), "iq2_xs": (256, 74), "iq2_s": (256, 82),
+    "iq3_xxs": (256, 98), "iq3_s": (256, 110), "iq4_nl": (32, 18), "iq4_xs": (256, 136),
+    "tq1_0": (256, 54), "tq2_0": (256, 66), "mxfp4": (32, 17),
+}
+#: bytes per element of every dtype a model's weights may be planned in.
+DTYPE_BYTES: dict[str, float] = {**PLAIN_DTYPES, **{k: b / n for k, (n, b) in GGUF_BLOCKS.items()}}
 
 #: weight tensor groups, each with its own placement in a Plan.
 WEIGHT_GROUPS = ("embed", "attention", "norms_router", "mlp", "experts", "shared_experts", "lm_head")
@@ -39,6 +50,26 @@ def dtype_bytes(dtype: str) -> float:
         return DTYPE_BYTES[dtype]
     except KeyError:
         raise ContractError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}") from None
+
+
+def unpacked_dtype(dtype: str) -> str:
+    """The dtype values stored as ``dtype`` are computed and cached in: a GGUF block format unpacks to float16
+    (llama.cpp's default KV cache and dequantised tiles); a plain dtype is its own."""
+    return "float16" if dtype in GGUF_BLOCKS else dtype
+
+
+def param_bytes(spec: ModelSpec, group: str, dtype: str) -> float:
+    """Bytes per parameter of ``group``'s tensors when a plan stores the weights at ``dtype``: a checkpoint that mixes
+    formats (a quantised GGUF, ``spec.group_bytes_per_param``) keeps its own mix when planned at its own dtype; any
+    other dtype applies to every group."""
+    if dtype == spec.dtype and group in spec.group_bytes_per_param:
+        return spec.group_bytes_per_param[group]
+    return dtype_bytes(dtype)
+
+
+def group_nbytes(spec: ModelSpec, group: str, params: int, dtype: str) -> int:
+    """Bytes of ``params`` parameters of ``group`` stored at ``dtype`` (``param_bytes``), to a whole byte."""
+    return int(round(params * param_bytes(spec, group, dtype)))
 
 
 def nbytes(params: int, dtype: str) -> int:
