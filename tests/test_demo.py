@@ -4,6 +4,11 @@ every step runs, prints what its subcommand prints, and writes its files into th
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -43,3 +48,42 @@ def test_demo_runs_every_step_into_one_folder(tiny_model, tmp_path, monkeypatch)
         result = json.loads((out / folder / "result.json").read_text())
         assert result["workload"]["num_prompts"] == 3 and result["workload"]["gen_len"] == 4
         assert f"wrote {out / folder / 'result.json'}" in r.output
+
+
+@pytest.mark.slow
+def test_demo_goes_on_after_kill_9_keeping_every_finished_run(tiny_model, tmp_path, monkeypatch):
+    """A demo killed with SIGKILL once its best plan's run has finished keeps that run (and the calibration run):
+    the same command again shows them as they were and runs only what had not finished; --fresh runs all."""
+    draft = tiny_model("llama")
+    target = models.upcycle_to_mixtral(draft, tmp_path / "moe", num_experts=4, top_k=2, noise=0.3, seed=3)
+    profile = write_json(tmp_path / "cpu.json", cpu_profile())
+    out = tmp_path / "demo"
+    args = ["demo", "--vram", "0.01", "--profile", str(profile), "--num-prompts", "3", "--gen-len", "4", "-o", str(out)]
+    script = ("import sys; from specplan.engine.build import models; "
+              f"models.build_demo = lambda log=None: models.DemoModels(target={str(target)!r}, draft={str(draft)!r}); "
+              "from specplan.cli import main; main(sys.argv[1:])")
+    best = out / "measured" / "result.json"
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        deadline = time.monotonic() + 240
+        while not best.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert best.is_file(), "the demo ended or timed out before its best plan's run finished"
+    print(f"killed; the baseline's run had finished: {(out / 'baseline' / 'measured' / 'result.json').is_file()}")
+    kept = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (best, out / "calibration" / "result.json",
+                                                                 out / "measured" / "outputs.jsonl")}
+    monkeypatch.setattr(models, "build_demo", lambda log=None: models.DemoModels(target=target, draft=draft))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert f"kept the finished run in {out / 'measured'}" in r.output.replace("\n", " ")
+    assert f"kept the finished run in {out / 'calibration'}" in r.output.replace("\n", " ")
+    assert all((f.read_bytes(), f.stat().st_mtime_ns) == v for f, v in kept.items())
+    assert (out / "baseline" / "measured" / "result.json").is_file()
+    assert "over the best plan without a draft" in r.output
+    r = CliRunner().invoke(main, [*args, "--fresh"])
+    assert r.exit_code == 0 and "kept the finished run" not in r.output
+    assert best.stat().st_mtime_ns != kept[best][1]

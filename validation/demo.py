@@ -30,8 +30,10 @@ CALIBRATION_PROMPTS = 4
 
 
 def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str | Path,
-             say: Callable[[str], None] = print) -> None:
-    """The six steps, ``vram`` in GiB; ``say`` prints the step headings (rich markup)."""
+             say: Callable[[str], None] = print, fresh: bool = False) -> None:
+    """The six steps, ``vram`` in GiB; ``say`` prints the step headings (rich markup). A demo run again into the
+    same folder (after a ``kill -9``, say) keeps the runs that finished there with the same plan, prompts and
+    length and runs only the others; ``fresh`` runs everything again."""
     from specplan.catalog import measured_profiles
     from specplan.engine.build.models import build_demo
     from specplan.jsonio import write_atomic
@@ -59,7 +61,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     say(f"[bold]3/6 calibrate[/bold]: the draft's acceptance on {len(held_out)} held-out prompts")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
                 output=out / "calibration" / "plan.json")
-    run_step(out / "calibration" / "plan.json", files["calibration"], None, out / "calibration")
+    run_step(out / "calibration" / "plan.json", files["calibration"], None, out / "calibration", not fresh, say)
     calibration = out / "calibration" / "calibration.json"
 
     say("[bold]4/6 search[/bold]: with the measured acceptance, and the best plan without a draft")
@@ -71,7 +73,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     simulate_step(out / "plan.json", out / "simulated")
 
     say("[bold]6/6 run[/bold] the best plan, then the baseline, on the workload prompts")
-    runs = {name: run_step(plan_file, files["workload"], num_prompts, folder).report
+    runs = {name: run_step(plan_file, files["workload"], num_prompts, folder, not fresh, say).report
             for name, plan_file, folder in (("best", out / "plan.json", out / "measured"),
                                             ("baseline", out / "baseline" / "plan.json",
                                              out / "baseline" / "measured"))}
@@ -124,9 +126,14 @@ def simulate_step(plan_file: Path, folder: Path) -> None:
     show_written(written)
 
 
-def run_step(plan_file: Path, prompts_file: Path, num_prompts: int | None, folder: Path) -> RunReport:
-    """What ``specplan run PLAN --prompts FILE [--num-prompts N] -o FOLDER`` does and prints."""
-    run = run_plan_file(plan_file, prompts_file=prompts_file, num_prompts=num_prompts, out_dir=folder)
+def run_step(plan_file: Path, prompts_file: Path, num_prompts: int | None, folder: Path, resume: bool = False,
+             say: Callable[[str], None] = print) -> RunReport:
+    """What ``specplan run PLAN --prompts FILE [--num-prompts N] -o FOLDER`` does and prints; ``resume``: a run
+    that finished in ``folder`` with the same plan, prompts and length is shown, not run again."""
+    run = run_plan_file(plan_file, prompts_file=prompts_file, num_prompts=num_prompts, out_dir=folder, resume=resume)
+    if run.reused:
+        say(f"[bold]kept[/bold] the finished run in {folder} (same plan, prompts and length, run_id "
+            f"{run.report['run_id']}); `specplan demo --fresh` measures it again")
     show_run(run.plan, run.report)
     show_written(run.written)
     return run

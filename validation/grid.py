@@ -14,8 +14,6 @@ best measured / measured of the chosen plan (1.0: it chose the fastest).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 from specplan.errors import SpecplanError
 from specplan.jsonio import write_atomic, write_json
 from specplan.validation.compare import comparison, simulated_for
+from specplan.validation.runs import plan_id
 
 
 @dataclass(frozen=True)
@@ -99,13 +98,6 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     write_atomic(out / "validate.csv", table(rows).to_csv(index=False))
     summary = summarise(rows)
     return GridReport(rows, summary, [out / "validate.csv", write_json(out / "summary.json", summary)])
-
-
-def plan_id(plan) -> str:
-    """A plan's identity: a hash of everything that decides its run (the model, draft, profile, budgets, workload,
-    policy and placement; not when or by which command line it was written, nor the search's figures)."""
-    body = plan.model_dump(mode="json", exclude={"created_utc", "command", "prediction", "search"})
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finished_rows(csv: Path, say: Callable[[str], None]) -> dict[str, dict]:

@@ -7,6 +7,7 @@ speculative plan, calibration.json (the measured acceptance, for ``specplan sear
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,6 +27,40 @@ class RunReport:
     plan: Plan
     report: dict[str, Any]  # the result.json body
     written: list[Path]
+    reused: bool = False  # a finished run of the same plan, prompts and length found in the folder, not run again
+
+
+#: the files of a finished run, result.json (written last: its presence marks the run finished) first.
+RUN_FILES = ("result.json", "outputs.jsonl", "timeline.json", "trace.json", "gantt.png")
+
+
+def plan_id(plan) -> str:
+    """A plan's identity: a hash of everything that decides its run (the model, draft, profile, budgets, workload,
+    policy and placement; not when or by which command line it was written, nor the search's figures)."""
+    body = plan.model_dump(mode="json", exclude={"created_utc", "command", "prediction", "search"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool) -> str:
+    """A run's identity: its plan (``plan_id``), its prompts in order, the tokens asked for and the stop rule."""
+    body = [plan_id(plan), texts, new_tokens, stop_at_eos]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+def finished_run(plan: Plan, out: Path, rid: str) -> RunReport | None:
+    """The run already in ``out`` if it finished (all its files there) with the identity ``rid``, else None."""
+    if not all((out / name).is_file() for name in RUN_FILES):
+        return None
+    try:
+        report = json.loads((out / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("run_id") != rid:
+        return None
+    calibration = [out / "calibration.json"] if (out / "calibration.json").is_file() else []
+    return RunReport(plan, report, calibration + [out / name for name in RUN_FILES], reused=True)
+
+
 
 
 def existing_file(path: str | Path, what: str) -> Path:
@@ -87,9 +122,10 @@ def open_model(plan: Plan, model_dir: str | None):
 def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_dir: str | None = None,
                   prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
                   num_prompts: int | None = None, stop_at_eos: bool = False,
-                  out_dir: str | Path | None = None) -> RunReport:
+                  out_dir: str | Path | None = None, resume: bool = False) -> RunReport:
     """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
-    prompts repeated to ``num_prompts``), compare with the prediction and write the result files."""
+    prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``resume``: a
+    finished run of the same plan, prompts and length in ``out_dir`` is returned as it is (``RunReport.reused``)."""
     from specplan.engine.execute.runtime import refuse_speculative
 
     plan = load(Plan, existing_file(plan_file, "plan"))
@@ -101,9 +137,12 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
     out = Path(out_dir) if out_dir else Path("results") / f"{Path(plan_file).stem}-{stamp}"
     if out.exists() and not out.is_dir():
         raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
+    distinct, texts = min(len(texts), n_prompts), [texts[i % len(texts)] for i in range(n_prompts)]
+    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos)) if resume else None
+    if done is not None:
+        return done
     ckpt = open_model(plan, model_dir)
-    return _run(plan, ckpt, [texts[i % len(texts)] for i in range(n_prompts)], min(len(texts), n_prompts),
-                new_tokens, stop_at_eos, out, draft_dir)
+    return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir)
 
 
 def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,
@@ -129,6 +168,7 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
                           on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir)
     report = comparison(plan, result)
     report["prompts_distinct"] = distinct
+    report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos)
     report["stop"] = "at EOS or max_new_tokens" if stop_at_eos else "max_new_tokens (EOS ignored)"
     return RunReport(plan, report, write_run(out, plan, result, report, texts, tok))
 
@@ -156,13 +196,12 @@ def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok
     acc = report.get("acceptance")
     if acc is not None and acc["measured"] is not None:
         written.append(write_json(out / "calibration.json", calibration_of(plan, acc, out)))
-    return written + [
-        write_json(out / "result.json", report),
-        write_atomic(out / "outputs.jsonl", "\n".join(rows) + "\n"),
-        write_timeline(result.timeline, out / "timeline.json"),
-        write_chrome_trace(result.timeline, out / "trace.json"),
-        write_gantt_png(result.timeline, out / "gantt.png", title=title),
-    ]
+    (out / "result.json").unlink(missing_ok=True)  # a run killed while writing is not taken for a finished one
+    files = [write_atomic(out / "outputs.jsonl", "\n".join(rows) + "\n"),
+             write_timeline(result.timeline, out / "timeline.json"),
+             write_chrome_trace(result.timeline, out / "trace.json"),
+             write_gantt_png(result.timeline, out / "gantt.png", title=title)]
+    return written + [write_json(out / "result.json", report), *files]  # result.json last: the run is finished
 
 
 def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
