@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from specplan.catalog import bundled_profiles, load_model_spec, load_profile, model_weights
 from specplan.contracts.calibration import Calibration
-from specplan.contracts.plan import Capacities, Headroom, Workload
+from specplan.contracts.plan import Capacities, Headroom, Sampling, Workload
 from specplan.errors import SpecplanError
 from specplan.fmt import GiB
 from specplan.jsonio import load
@@ -46,7 +46,8 @@ def gpu_profiles_hint() -> str:
 
 def make_ask(model: str, vram: float, ram: float | None, disk: float | None, profile_arg: str | None,
              drafts: tuple[str, ...], acceptance: float | None, calibration: str | None, prompt_len: int,
-             gen_len: int, num_prompts: int, top: int, command: str | None = None) -> Ask:
+             gen_len: int, num_prompts: int, top: int, command: str | None = None,
+             sampling: Sampling = Sampling()) -> Ask:
     """``vram``, ``ram`` and ``disk`` in GiB (``ram`` None: the profile's host memory; ``disk`` None: unlimited);
     ``drafts`` empty: every draft that fits the model; ``command``: the invocation recorded in the plans."""
     spec = load_model_spec(model)
@@ -54,7 +55,7 @@ def make_ask(model: str, vram: float, ram: float | None, disk: float | None, pro
     local = model_weights(model)
     caps = capacities(profile, vram, ram, disk)
     calib = load(Calibration, calibration) if calibration else None
-    draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib)
-    workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts)
+    draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib, sampling)
+    workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts, sampling=sampling)
     return Ask(spec=spec, model_name=spec.name, profile=profile, capacities=caps, workload=workload,
                drafts=tuple(draft_choices), top=top, model_path=local, command=command)

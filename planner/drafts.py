@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from specplan.contracts.calibration import Calibration
 from specplan.contracts.model import ModelSpec
-from specplan.contracts.plan import DraftSpec
+from specplan.contracts.plan import DraftSpec, Sampling
 from specplan.errors import SpecplanError
 
 #: (draft label, target name or None for any) -> (acceptance, source). Assumptions, not measurements.
@@ -81,16 +81,22 @@ def default_drafts(target: ModelSpec) -> list[str]:
     return out
 
 
-def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, calibration: Calibration | None
-                   ) -> tuple[float | None, str | None, bool]:
-    """(acceptance, source, measured) for a draft: --acceptance, then the calibration file, then the prior."""
+def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, calibration: Calibration | None,
+                   sampling: Sampling = Sampling()) -> tuple[float | None, str | None, bool]:
+    """(acceptance, source, measured) for a draft: --acceptance, then the calibration file's record at the same
+    sampling settings, then the prior."""
     if draft.kind == "none":
         return None, None, False
     label = draft.label
     if fixed is not None:
         return fixed, "given with --acceptance", True
     if calibration is not None:
-        rec = calibration.find(label, target_name)
+        rec = calibration.find(label, target_name, sampling)
+        elsewhere = [r.sampling.label() for r in calibration.acceptance if r.draft == label]
+        if rec is None and elsewhere:
+            prior_note = f" (the calibration measured {label} only at {'; '.join(elsewhere)}, not {sampling.label()})"
+        else:
+            prior_note = ""
         if rec is not None:
             frac = f", accepted fraction {rec.accepted_fraction:.3f}" if rec.accepted_fraction is not None else ""
             return (rec.per_token_acceptance_mle,
@@ -99,11 +105,12 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
     if prior is None and draft.kind == "model":
         prior = PRIORS[("model", None)]
     assert prior is not None
-    return prior[0], f"prior (assumption, not measured): {prior[1]}", False
+    note = prior_note if calibration is not None else ""
+    return prior[0], f"prior (assumption, not measured): {prior[1]}{note}", False
 
 
 def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed: float | None,
-            calibration: Calibration | None) -> list[DraftChoice]:
+            calibration: Calibration | None, sampling: Sampling = Sampling()) -> list[DraftChoice]:
     labels = values or default_drafts(target)
     out, seen = [], set()
     for v in labels:
@@ -111,6 +118,6 @@ def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed
         if spec.label in seen:
             continue
         seen.add(spec.label)
-        a, source, measured = acceptance_for(spec, target_name, fixed, calibration)
+        a, source, measured = acceptance_for(spec, target_name, fixed, calibration, sampling)
         out.append(DraftChoice(spec, a, source, measured))
     return out

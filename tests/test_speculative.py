@@ -117,8 +117,7 @@ def test_accept_and_rollback_per_sequence(models):
     target.lengths[:] = torch.tensor([10, 4, 7]) + 4  # each verified last + 3 proposals
     state = DraftState(draft, [[1], [2, 3], [4]], base=[9, 2, 6], fed=[1, 2, 1])
     draft.lengths[:] = torch.tensor([9, 2, 6]) + torch.tensor([1, 2, 1]) + 2  # pending + g - 1 proposals
-    rollback(target, state, [10, 4, 7], [0, 3, 1], [[5, 6, 7], [8, 9, 10], [11, 12, 13]],
-             [[20, 0, 0, 0], [8, 9, 10, 21], [11, 22, 0, 0]])
+    rollback(target, state, [10, 4, 7], [0, 3, 1], [[5, 6, 7], [8, 9, 10], [11, 12, 13]], [20, 21, 22])
     assert target.lengths.tolist() == [11, 8, 9]
     assert draft.lengths.tolist() == [10, 6, 8]
     assert state.pending == [[20], [10, 21], [22]]

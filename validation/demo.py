@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from specplan.contracts.plan import Sampling
 from specplan.validation.runs import RunReport, read_prompts, run_plan_file
 from specplan.validation.show import show_run, show_written
 
@@ -30,7 +31,7 @@ CALIBRATION_PROMPTS = 4
 
 
 def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str | Path,
-             say: Callable[[str], None] = print, fresh: bool = False) -> None:
+             say: Callable[[str], None] = print, fresh: bool = False, sampling: Sampling = Sampling()) -> None:
     """The six steps, ``vram`` in GiB; ``say`` prints the step headings (rich markup). A demo run again into the
     same folder (after a ``kill -9``, say) keeps the runs that finished there with the same plan, prompts and
     length and runs only the others; ``fresh`` runs everything again."""
@@ -56,7 +57,8 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     prompt_len = longest_prompt(models.target, texts)
     files = {name: write_atomic(out / f"{name}_prompts.txt", "\n".join(lines) + "\n")
              for name, lines in (("calibration", held_out), ("workload", workload))}
-    common = dict(model=str(models.target), vram=vram, profile_arg=prof, prompt_len=prompt_len, gen_len=gen_len)
+    common = dict(model=str(models.target), vram=vram, profile_arg=prof, prompt_len=prompt_len, gen_len=gen_len,
+                  sampling=sampling)
 
     say(f"[bold]3/6 calibrate[/bold]: the draft's acceptance on {len(held_out)} held-out prompts")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
@@ -90,7 +92,8 @@ def longest_prompt(model_dir: Path, texts: list[str]) -> int:
 
 
 def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_len: int, drafts: tuple[str, ...],
-                num_prompts: int, output: Path, top: int = 5, calibration: str | None = None) -> None:
+                num_prompts: int, output: Path, top: int = 5, calibration: str | None = None,
+                sampling: Sampling = Sampling()) -> None:
     """What ``specplan search`` does and prints for these options, writing the best plan to ``output``; the plan
     records the equivalent ``specplan search`` command line."""
     from specplan.jsonio import write_json
@@ -102,9 +105,12 @@ def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_
     flags = ["--model", model, "--vram", f"{vram:g}", "--profile", profile_arg,
              *(x for d in drafts for x in ("--draft", d)), *(("--calibration", calibration) if calibration else ()),
              "--prompt-len", str(prompt_len),
-             "--gen-len", str(gen_len), "--num-prompts", str(num_prompts), "--output", str(output), "--top", str(top)]
+             "--gen-len", str(gen_len), "--num-prompts", str(num_prompts), "--output", str(output), "--top", str(top),
+             *(() if sampling.greedy else ("--temperature", f"{sampling.temperature:g}", "--top-p",
+                                           f"{sampling.top_p:g}", "--top-k", str(sampling.top_k), "--seed",
+                                           str(sampling.seed)))]
     ask = make_ask(model, vram, None, None, profile_arg, drafts, None, calibration, prompt_len, gen_len, num_prompts,
-                   top, shlex.join(["specplan", "search", *flags]))
+                   top, shlex.join(["specplan", "search", *flags]), sampling)
     result = search(ask)
     print("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
     show_written([write_json(output, result.plans[0])])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from specplan.contracts.calibration import AcceptanceRecord, Calibration
-from specplan.contracts.plan import Plan
+from specplan.contracts.plan import Plan, Sampling
 from specplan.errors import SpecplanError
 from specplan.gguf import refuse_gguf_weights
 from specplan.jsonio import load, read_text, write_atomic, write_json
@@ -122,13 +122,15 @@ def open_model(plan: Plan, model_dir: str | None):
 def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_dir: str | None = None,
                   prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
                   num_prompts: int | None = None, stop_at_eos: bool = False,
-                  out_dir: str | Path | None = None, resume: bool = False) -> RunReport:
+                  out_dir: str | Path | None = None, resume: bool = False, sampling: Sampling | None = None) -> RunReport:
     """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
     prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``resume``: a
     finished run of the same plan, prompts and length in ``out_dir`` is returned as it is (``RunReport.reused``)."""
     from specplan.engine.execute.runtime import refuse_speculative
 
     plan = load(Plan, existing_file(plan_file, "plan"))
+    if sampling is not None and sampling != plan.workload.sampling:  # the run decodes as asked; the plan records it
+        plan = plan.model_copy(update={"workload": plan.workload.model_copy(update={"sampling": sampling})})
     refuse_speculative(plan)
     new_tokens = max_new_tokens or plan.workload.gen_len
     n_prompts = num_prompts or plan.workload.num_prompts
@@ -169,6 +171,7 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
     report = comparison(plan, result)
     report["prompts_distinct"] = distinct
     report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos)
+    report["sampling"] = plan.workload.sampling.model_dump()
     report["stop"] = "at EOS or max_new_tokens" if stop_at_eos else "max_new_tokens (EOS ignored)"
     return RunReport(plan, report, write_run(out, plan, result, report, texts, tok))
 
@@ -212,5 +215,8 @@ def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
                            accepted_fraction=accepted / proposed if proposed else None,
                            proposed_tokens=proposed or None, accepted_tokens=accepted if proposed else None,
                            source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
-                                  f"{acc['draft_len']} proposals, greedy verification")
+                                  f"{acc['draft_len']} proposals, "
+                                  + ("greedy verification" if plan.workload.sampling.greedy else
+                                     f"rejection sampling at {plan.workload.sampling.label()}"),
+                           sampling=plan.workload.sampling)
     return Calibration(created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), acceptance=[rec])

@@ -3,8 +3,9 @@
     waves     = prompts in groups of num_batches * decode_batch (the last may be partial), one after the other
     batches   = a wave split over the num_batches interleaved batches, each with its own KV cache
     prefill   = per batch, chunks of prefill_batch ragged prompts (right-padded) into rows of the batch's cache
-    decode    = rounds; per round and batch one ``step``: one greedy token per active sequence, or (speculative
-                plans) the draft's proposals verified by one target pass (``execute/speculative.py``)
+    decode    = rounds; per round and batch one ``step``: one token per active sequence (greedy or sampled,
+                ``execute/sampling.py``), or (speculative plans) the draft's proposals verified by one target pass
+                (``execute/speculative.py``)
 
 A sequence is done after ``max_new_tokens`` tokens, or (``stop_at_eos``) at its first EOS token (kept in its
 output); tokens past either are never generated nor counted. Finished sequences leave their batch
@@ -26,6 +27,8 @@ from specplan.contracts.memory import kv_capacity
 from specplan.contracts.plan import Plan
 from specplan.engine.model.kvcache import KVCache
 from specplan.engine.model.forward import forward, pad_prompts
+from specplan.contracts.plan import Sampling
+from specplan.engine.execute.sampling import Sampler
 from specplan.engine.execute.speculative import Acceptance, DraftModel, DraftState, draft_prefill, propose, speculative_step
 
 
@@ -76,7 +79,7 @@ class Executor:
     def __init__(self, plan: Plan, store, recorder, dtype: torch.dtype, kv_devices: Sequence[torch.device],
                  max_new_tokens: int, eos_ids: Sequence[int] = (), stop_at_eos: bool = False,
                  on_tokens: Callable[[int], None] | None = None, draft: DraftModel | None = None,
-                 draft_kv_device: torch.device | None = None):
+                 draft_kv_device: torch.device | None = None, sampling: Sampling = Sampling()):
         if plan.policy.speculative and draft is None:
             raise ValueError("a speculative plan needs its draft model")
         self.plan, self.spec, self.store, self.recorder = plan, plan.model.spec, store, recorder
@@ -86,6 +89,7 @@ class Executor:
         self.max_new_tokens, self.eos = max_new_tokens, set(eos_ids) if stop_at_eos else set()
         self.on_tokens = on_tokens or (lambda n: None)
         self.stats = RunStats()
+        self.sampler = Sampler(sampling)
         pol, pl = plan.policy, plan.placement
         self._attention_on = ["host_compute" if lp.kv_cache == "host" and pol.attention_on == "host"
                               else "device_compute" for lp in pl.layers]
@@ -126,7 +130,7 @@ class Executor:
             t0 = time.perf_counter()
             with self.recorder.phase("prefill", batch.id, sequences=len(seqs)):
                 logits = self._pass(batch.id, batch.kv.rows(start, start + len(seqs)), tokens, num_new, True)
-                for s, t in zip(seqs, logits[:, 0].argmax(-1).tolist()):
+                for s, t in zip(seqs, self.sampler.pick(logits[:, 0], [s.index for s in seqs])[0]):
                     self._take(s, t)
                 if batch.draft is not None:
                     with self.recorder.in_batch(batch.id):
@@ -140,9 +144,10 @@ class Executor:
                 self.stats.ttft_s = self.recorder.now()
         if batch.draft is not None:
             batch.draft.pending = [[s.generated[-1]] for s in batch.seqs]
+            batch.draft.seqs = [s.index for s in batch.seqs]
 
     def decode_step(self, batch: Batch) -> None:
-        """One greedy token for every active sequence of the batch (or, speculative: propose, then verify)."""
+        """One token for every active sequence of the batch (or, speculative: propose, then verify)."""
         if self.draft is not None:
             self.verify(batch, self.propose(batch))
             return
@@ -151,7 +156,7 @@ class Executor:
             return
         tokens = torch.tensor([[s.generated[-1]] for s in batch.seqs], dtype=torch.long)
         logits = self._pass(batch.id, batch.kv, tokens, torch.ones(len(batch.seqs), dtype=torch.long), False)
-        for s, t in zip(batch.seqs, logits[:, 0].argmax(-1).tolist()):
+        for s, t in zip(batch.seqs, self.sampler.pick(logits[:, 0], [s.index for s in batch.seqs])[0]):
             self._take(s, t)
         self.stats.decode_passes += 1
         self.stats.decode_tokens += len(batch.seqs)
@@ -163,7 +168,7 @@ class Executor:
         if not batch.seqs:
             return []
         with self.recorder.in_batch(batch.id):
-            out = propose(self.draft, batch.draft, self.plan.policy.draft_len)
+            out = propose(self.draft, batch.draft, self.plan.policy.draft_len, self.sampler)
         self.stats.draft_passes += self.plan.policy.draft_len
         return out
 
@@ -183,7 +188,7 @@ class Executor:
 
         speculative_step(batch.draft, batch.kv, [s.generated[-1] for s in batch.seqs], proposals,
                          lambda tokens, num_new: self._pass(batch.id, batch.kv, tokens, num_new, False), commit,
-                         self.stats.acceptance)
+                         self.stats.acceptance, self.sampler)
         self.stats.acceptance.committed += committed
         self.stats.decode_passes += 1
         self.stats.decode_tokens += committed

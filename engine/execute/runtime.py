@@ -18,7 +18,7 @@ from specplan.contracts.hardware import compute_dtype_on
 from specplan.contracts.memory import kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.tensors import GGUF_BLOCKS
-from specplan.contracts.plan import Plan
+from specplan.contracts.plan import Plan, Sampling
 from specplan.contracts.timeline import Timeline
 from specplan.engine.execute.budget import available_memory_bytes, check_budget, required_bytes
 from specplan.engine.io.directio import align_up
@@ -111,9 +111,11 @@ class RunOutput:
 def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None, stop_at_eos: bool = False,
              eos_ids: Sequence[int] = (), on_tokens: Callable[[int], None] | None = None,
-             on_convert: Callable[[int], None] | None = None, draft_dir: str | None = None) -> RunOutput:
-    """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``; greedy decoding, speculative with
-    the plan's draft model (from ``draft_dir`` or the plan's draft path) when the plan says so."""
+             on_convert: Callable[[int], None] | None = None, draft_dir: str | None = None,
+             sampling: Sampling | None = None) -> RunOutput:
+    """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``, decoding as ``sampling`` says
+    (default: the plan's workload), speculative with the plan's draft model (from ``draft_dir`` or the plan's draft
+    path) when the plan says so."""
     refuse_speculative(plan)
     device = torch.device(device)
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
@@ -147,7 +149,8 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
         draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),
                            recorder)
     ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens, draft,
-                  on[plan.placement.draft_kv] if draft is not None else None)
+                  on[plan.placement.draft_kv] if draft is not None else None,
+                  sampling or plan.workload.sampling)
     t0 = time.perf_counter()
     try:
         seqs = ex.run([list(p) for p in prompts])

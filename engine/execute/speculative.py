@@ -1,14 +1,16 @@
-"""Speculative decoding with a draft model and greedy verification (the output is the target's own greedy output).
+"""Speculative decoding with a draft model: greedy verification (the output is the target's own greedy output), or
+with sampling, rejection sampling (``execute/sampling.py``: the output is distributed as the target's own samples).
 
 Per batch and round:
 
     propose  the draft takes each sequence's pending tokens (committed, not yet in its cache: one, or two after a
              round that accepted every proposal), then proposes ``g`` tokens one pass at a time
     verify   the target runs one pass over ``[last committed, d1 .. dg]`` (g + 1 tokens per sequence) and takes its
-             greedy token at every position: ``t0 .. tg``
+             greedy token at every position: ``t0 .. tg`` (sampling: its distribution ``p`` at every position)
     accept   per sequence, ``n`` = the number of leading proposals equal to the target's token before them
-             (``d(i+1) == t(i)``); it commits ``d1 .. dn`` and then ``tn`` (the target's correction, or its bonus
-             token when all ``g`` were accepted): ``n + 1`` tokens, ragged over the batch
+             (``d(i+1) == t(i)``; sampling: each accepted with probability ``min(1, p/q)``); it commits ``d1 .. dn``
+             and then ``tn`` (the target's correction, or its bonus token when all ``g`` were accepted): ``n + 1``
+             tokens, ragged over the batch
     rollback each cache keeps only what the committed tokens wrote: the target ``last, d1 .. dn``, the draft
              ``pending, d1 .. d(min(n, g-1))``; the next round's pending tokens are ``tn`` (or ``dg, tg``)
 
@@ -25,6 +27,7 @@ import torch
 
 from specplan.contracts.model import ModelSpec
 from specplan.engine.model.kvcache import KVCache
+from specplan.engine.execute.sampling import Sampler, processed
 from specplan.engine.model.forward import forward, pad_prompts
 
 
@@ -43,12 +46,15 @@ class DraftState:
 
     kv: KVCache
     pending: list[list[int]]
-    #: set by ``propose``: the cache lengths before it, and how many pending tokens it fed per row
+    seqs: list[int] = field(default_factory=list)  # the run's index of each row's sequence (its generator)
+    #: set by ``propose``: the cache lengths before it, how many pending tokens it fed per row, and (sampling) the
+    #: draft's distribution of every proposal, [rows, g, vocab]
     base: list[int] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None
 
     def select(self, rows: Sequence[int]) -> "DraftState":
-        return DraftState(self.kv.select(rows), [self.pending[r] for r in rows])
+        return DraftState(self.kv.select(rows), [self.pending[r] for r in rows], [self.seqs[r] for r in rows])
 
 
 @dataclass
@@ -98,20 +104,23 @@ def draft_prefill(draft: DraftModel, kv: KVCache, prompts: Sequence[Sequence[int
     forward(draft.spec, draft.src, kv, tokens, num_new, tracer=_tracer(draft), last_only=True)
 
 
-def propose(draft: DraftModel, state: DraftState, g: int) -> list[list[int]]:
-    """``g`` greedy draft tokens per row of ``state`` (its cache advances over pending + ``g - 1`` tokens)."""
+def propose(draft: DraftModel, state: DraftState, g: int, sampler: Sampler) -> list[list[int]]:
+    """``g`` draft tokens per row of ``state``, greedy or sampled (its cache advances over pending + ``g - 1``)."""
     if not state.pending:
         return []
     state.base, state.fed = state.kv.lengths.tolist(), [len(p) for p in state.pending]
     tokens, num_new = pad_prompts(state.pending)
-    logits = forward(draft.spec, draft.src, state.kv, tokens, num_new, tracer=_tracer(draft), last_only=True)
-    nxt = logits[:, 0].argmax(-1)
-    out = [[t] for t in nxt.tolist()]
-    for _ in range(g - 1):
-        logits = forward(draft.spec, draft.src, state.kv, nxt.reshape(-1, 1), tracer=_tracer(draft))
-        nxt = logits[:, 0].argmax(-1)
-        for row, t in zip(out, nxt.tolist()):
+    out: list[list[int]] = [[] for _ in state.pending]
+    qs = []
+    for i in range(g):
+        logits = forward(draft.spec, draft.src, state.kv, tokens, num_new if i == 0 else None, tracer=_tracer(draft),
+                         last_only=i == 0)
+        picked, q = sampler.pick(logits[:, 0], state.seqs)
+        qs.append(q)
+        for row, t in zip(out, picked):
             row.append(t)
+        tokens = torch.tensor(picked, dtype=torch.long).reshape(-1, 1)
+    state.q = None if sampler.greedy else torch.stack(qs, dim=1)
     return out
 
 
@@ -130,18 +139,19 @@ def accept(proposals: Sequence[int], target: Sequence[int]) -> tuple[int, list[i
 
 
 def rollback(target_kv: KVCache, state: DraftState, before: Sequence[int], accepted: Sequence[int],
-             proposals: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> None:
-    """Cut both caches back to what the committed tokens wrote and set each row's next pending tokens."""
+             proposals: Sequence[Sequence[int]], last: Sequence[int]) -> None:
+    """Cut both caches back to what the committed tokens wrote and set each row's next pending tokens (``last``:
+    each row's final committed token, the correction or the bonus)."""
     g = len(proposals[0]) if proposals else 0
     target_kv.set_lengths([b + 1 + n for b, n in zip(before, accepted)])
     state.kv.set_lengths([b + f + min(n, g - 1) for b, f, n in zip(state.base, state.fed, accepted)])
-    state.pending = [[d[-1], t[-1]] if n == g else [t[n]] for n, d, t in zip(accepted, proposals, targets)]
+    state.pending = [[d[-1], t] if n == g else [t] for n, d, t in zip(accepted, proposals, last)]
 
 
 def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
                      proposals: Sequence[Sequence[int]], target_pass: Callable[[torch.Tensor, torch.Tensor],
                                                                                torch.Tensor],
-                     commit: Callable[[int, list[int]], None], stats: Acceptance) -> None:
+                     commit: Callable[[int, list[int]], None], stats: Acceptance, sampler: Sampler) -> None:
     """Verify ``proposals`` (from ``propose``) with one target pass, commit per row, roll both caches back."""
     if not proposals:
         return
@@ -149,14 +159,18 @@ def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
     before = target_kv.lengths.tolist()
     tokens, num_new = verify_tokens(last, proposals)
     logits = target_pass(tokens, num_new)
-    targets = logits.argmax(-1).tolist()
-    accepted = []
-    for row, (p, t) in enumerate(zip(proposals, targets)):
-        n, commit_tokens = accept(p, t)
-        accepted.append(n)
+    if sampler.greedy:
+        targets = logits.argmax(-1).tolist()
+        results = [accept(d, t) for d, t in zip(proposals, targets)]
+    else:
+        p = processed(logits, sampler.s)  # the target's distribution at every position, [rows, g + 1, vocab]
+        results = [sampler.accept(d, state.q[row], p[row], seq)
+                   for row, (d, seq) in enumerate(zip(proposals, state.seqs))]
+    for row, (n, commit_tokens) in enumerate(results):
         stats.add(n, g)
         commit(row, commit_tokens)
-    rollback(target_kv, state, before, accepted, proposals, targets)
+    rollback(target_kv, state, before, [n for n, _ in results], proposals, [c[-1] for _, c in results])
+
 
 
 def _tracer(draft: DraftModel):

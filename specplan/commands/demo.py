@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import click
 
-from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
+from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS, Sampling
 
-from specplan.commands._params import GIB
+from specplan.commands._params import GIB, sampling_of, sampling_options
 
 
 @click.command("demo")
@@ -21,10 +21,12 @@ from specplan.commands._params import GIB
 @click.option("--gen-len", type=click.IntRange(min=1, max=MAX_TOKENS), default=32, show_default=True, help="New tokens per prompt.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/demo", show_default=True,
               help="Folder for the plans, the simulated timeline and the runs' results.")
+@sampling_options()
 @click.option("--fresh", is_flag=True,
               help="Run every plan again [default: keep the runs that finished in the folder with the same plan, "
                    "prompts and length, so an interrupted demo goes on where it stopped].")
-def command(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str, fresh: bool) -> None:
+def command(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str,
+            temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, fresh: bool) -> None:
     """Run the main job end to end on the demo model (no download): build it, profile this machine, measure the
     draft's acceptance, search a plan, simulate it, run it next to the best plan without a draft, and print
     predicted vs measured.
@@ -35,4 +37,5 @@ def command(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int
     from specplan.fmt import console
     from specplan.validation.demo import run_demo
 
-    run_demo(vram, profile_arg, num_prompts, gen_len, out_dir, say=console().print, fresh=fresh)
+    run_demo(vram, profile_arg, num_prompts, gen_len, out_dir, say=console().print, fresh=fresh,
+             sampling=sampling_of(Sampling(), temperature, top_p, top_k, seed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from specplan.commands._params import sampling_of, sampling_options
 from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
 from specplan.errors import SpecplanError
 
@@ -26,23 +27,31 @@ from specplan.errors import SpecplanError
 @click.option("--stop-at-eos", is_flag=True,
               help="End a sequence at its first end-of-sequence token [default: always generate N tokens, as the "
                    "plan's workload assumes].")
+@sampling_options(from_plan=True)
 @click.option("-o", "--output", "out_dir", metavar="DIR", default=None,
               help="Results folder [default: results/<plan name>-<UTC time>/].")
 def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompts_file: str | None, max_new_tokens: str | None,
-            num_prompts: str | None, stop_at_eos: bool, out_dir: str | None) -> None:
+            num_prompts: str | None, stop_at_eos: bool, temperature: float | None, top_p: float | None,
+            top_k: int | None, seed: int | None, out_dir: str | None) -> None:
     """Run PLAN.json on its model: weights on device / host / disk as placed, disk tensors read with O_DIRECT and
-    prefetched, greedy decoding with the plan's batches; speculative with the plan's draft model (greedy
-    verification: the output is the target's own), two interleaved batches drafting in turn.
+    prefetched, decoding with the plan's batches, greedy or sampled as the plan's workload says (or --temperature, --top-p,
+    --top-k, --seed); speculative with the plan's draft model (greedy or rejection-sampling verification: the output
+    is the target's own, or distributed as its samples), two interleaved batches drafting in turn.
 
     Prints predicted vs measured throughput (decode-only and end-to-end), time to first token, busy time per
     resource and the signed error (predicted - measured) / measured. Writes result.json, outputs.jsonl (prompts and
     generated text), timeline.json, trace.json (ui.perfetto.dev) and gantt.png to the results folder, and for a
     speculative plan calibration.json (the measured acceptance, for specplan search --calibration).
     """
-    from specplan.validation.runs import run_plan_file
+    from specplan.contracts.plan import Plan
+    from specplan.jsonio import load
+    from specplan.validation.runs import existing_file, run_plan_file
     from specplan.validation.show import show_run, show_written
 
-    run = run_plan_file(plan_file, model_dir=model_dir, draft_dir=draft_dir, prompts_file=prompts_file,
+    given = (temperature, top_p, top_k, seed)
+    sampling = None if all(v is None for v in given) else \
+        sampling_of(load(Plan, existing_file(plan_file, "plan")).workload.sampling, *given)
+    run = run_plan_file(plan_file, model_dir=model_dir, sampling=sampling, draft_dir=draft_dir, prompts_file=prompts_file,
                         max_new_tokens=_positive(max_new_tokens, "--max-new-tokens", MAX_TOKENS),
                         num_prompts=_positive(num_prompts, "--num-prompts", MAX_PROMPTS), stop_at_eos=stop_at_eos, out_dir=out_dir)
     show_run(run.plan, run.report)

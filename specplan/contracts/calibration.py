@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from specplan.contracts.plan import Sampling
 from specplan.contracts.strict import Strict
 
 SCHEMA_VERSION = 1
@@ -35,6 +36,8 @@ class AcceptanceRecord(Strict):
     proposed_tokens: int | None = Field(None, ge=1)  # draft tokens the target checked
     accepted_tokens: int | None = Field(None, ge=0)
     source: str = Field(min_length=1)  # how it was measured
+    #: the decoding it was measured with (acceptance depends on it); files written before sampling existed: greedy
+    sampling: Sampling = Sampling()
 
     @model_validator(mode="before")
     @classmethod
@@ -60,13 +63,15 @@ class Calibration(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "Calibration":
-        keys = [(r.draft, r.target) for r in self.acceptance]
+        keys = [(r.draft, r.target, r.sampling.settings()) for r in self.acceptance]
         if len(keys) != len(set(keys)):
-            raise ValueError("two records for the same (draft, target)")
+            raise ValueError("two records for the same (draft, target, sampling settings)")
         return self
 
-    def find(self, draft: str, target: str | None = None) -> AcceptanceRecord | None:
-        """The record for this draft and target, else one for this draft with no target."""
-        exact = [r for r in self.acceptance if r.draft == draft and r.target == target and target is not None]
-        anyt = [r for r in self.acceptance if r.draft == draft and r.target is None]
+    def find(self, draft: str, target: str | None = None, sampling: Sampling = Sampling()) -> AcceptanceRecord | None:
+        """The record for this draft and target at these sampling settings (the seed aside), else one for this
+        draft with no target at them; None if none was measured at these settings."""
+        same = [r for r in self.acceptance if r.draft == draft and r.sampling.settings() == sampling.settings()]
+        exact = [r for r in same if r.target == target and target is not None]
+        anyt = [r for r in same if r.target is None]
         return (exact or anyt or [None])[0]

@@ -62,10 +62,34 @@ MAX_TOKENS = 1 << 24
 MAX_PROMPTS = 1 << 16
 
 
+class Sampling(_Strict):
+    """How tokens are chosen: greedy (temperature 0), or sampled from the softmax at ``temperature`` of the top-k
+    tokens (0: all) within the top-p nucleus (1: all); ``seed`` makes every sequence's draws repeatable."""
+
+    temperature: float = Field(0.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=1 << 24)
+    seed: int = Field(0, ge=0, lt=1 << 63)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def settings(self) -> tuple[float, float, int]:
+        """What changes the output distribution (and so the acceptance): not the seed; greedy is one setting."""
+        return (0.0, 1.0, 0) if self.greedy else (self.temperature, self.top_p, self.top_k)
+
+    def label(self) -> str:
+        if self.greedy:
+            return "greedy"
+        return f"temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k or 'all'}, seed {self.seed}"
+
+
 class Workload(_Strict):
     prompt_len: int = Field(gt=0, le=MAX_TOKENS)  # tokens per prompt
     gen_len: int = Field(gt=0, le=MAX_TOKENS)  # new tokens per prompt (throughput never counts tokens past this)
     num_prompts: int = Field(gt=0, le=MAX_PROMPTS)
+    sampling: Sampling = Sampling()
 
     def wave_sizes(self, wave: int) -> list[int]:
         """Sequences of each wave of at most ``wave`` sequences: full waves, then the rest."""
