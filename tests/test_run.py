@@ -36,13 +36,14 @@ def plan_file(model, tmp_path):
 
 def test_run_writes_every_result_and_prints_the_comparison(plan_file, tmp_path):
     out = tmp_path / "res"
-    r = invoke(plan_file, "-o", out)
+    r = invoke(plan_file, "--fixed-length", "-o", out)
     assert r.exit_code == 0, r.output
     for text in ("decode-only throughput", "end-to-end throughput", "time to first token", "(pred - meas) / meas",
                  "disk_read", "device_compute", "O_DIRECT", "peak resident bytes"):
         assert text in r.output
     result = json.loads((out / "result.json").read_text())
     assert result["workload"]["num_prompts"] == 4 and result["workload"]["gen_len"] == 5
+    assert result["stop"].startswith("fixed length") and result["prompt_format"] == "raw"  # no chat template
     assert result["measured"]["generated_tokens"] == 20 and result["measured"]["decode_tokens"] == 16
     assert result["measured"]["decode_tok_s"] > 0 and result["measured"]["busy_s"]["disk_read"] > 0
     assert result["predicted"]["decode_tok_s"] > 0 and result["prediction_source"].startswith("planner")

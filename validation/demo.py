@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from specplan.contracts.plan import Sampling
-from specplan.validation.runs import RunReport, read_prompts, run_plan_file
+from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, RunReport, encode_prompts, read_prompts, run_plan_file
 from specplan.validation.show import show_run, show_written
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
@@ -60,7 +60,8 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     common = dict(model=str(models.target), vram=vram, profile_arg=prof, prompt_len=prompt_len, gen_len=gen_len,
                   sampling=sampling)
 
-    say(f"[bold]3/6 calibrate[/bold]: the draft's acceptance on {len(held_out)} held-out prompts")
+    say(f"[bold]3/6 calibrate[/bold]: the draft's acceptance on {len(held_out)} held-out prompts "
+        f"({FIXED_LENGTH_WORKLOAD})")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
                 output=out / "calibration" / "plan.json")
     run_step(out / "calibration" / "plan.json", files["calibration"], None, out / "calibration", not fresh, say)
@@ -74,7 +75,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     say("[bold]5/6 simulate[/bold] the best plan")
     simulate_step(out / "plan.json", out / "simulated")
 
-    say("[bold]6/6 run[/bold] the best plan, then the baseline, on the workload prompts")
+    say(f"[bold]6/6 run[/bold] the best plan, then the baseline, on the workload prompts ({FIXED_LENGTH_WORKLOAD})")
     runs = {name: run_step(plan_file, files["workload"], num_prompts, folder, not fresh, say).report
             for name, plan_file, folder in (("best", out / "plan.json", out / "measured"),
                                             ("baseline", out / "baseline" / "plan.json",
@@ -84,11 +85,11 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
 
 
 def longest_prompt(model_dir: Path, texts: list[str]) -> int:
-    """The longest prompt in tokens of the demo tokenizer: the KV cache must hold it, so the plans assume it."""
+    """The longest prompt in tokens of the demo tokenizer, as the runs encode it (``encode_prompts``: in the chat
+    template): the KV cache must hold it, so the plans assume it."""
     from specplan.engine.model.checkpoint import open_checkpoint
 
-    tok = open_checkpoint(model_dir).tokenizer()
-    return max(len(tok(t)["input_ids"]) for t in texts)
+    return max(len(p) for p in encode_prompts(open_checkpoint(model_dir).tokenizer(), texts))
 
 
 def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_len: int, drafts: tuple[str, ...],
@@ -134,9 +135,11 @@ def simulate_step(plan_file: Path, folder: Path) -> None:
 
 def run_step(plan_file: Path, prompts_file: Path, num_prompts: int | None, folder: Path, resume: bool = False,
              say: Callable[[str], None] = print) -> RunReport:
-    """What ``specplan run PLAN --prompts FILE [--num-prompts N] -o FOLDER`` does and prints; ``resume``: a run
-    that finished in ``folder`` with the same plan, prompts and length is shown, not run again."""
-    run = run_plan_file(plan_file, prompts_file=prompts_file, num_prompts=num_prompts, out_dir=folder, resume=resume)
+    """What ``specplan run PLAN --prompts FILE [--num-prompts N] --fixed-length -o FOLDER`` does and prints (the
+    fixed-length workload the prediction assumes: EOS ignored); ``resume``: a run that finished in ``folder`` with
+    the same plan, prompts and length is shown, not run again."""
+    run = run_plan_file(plan_file, prompts_file=prompts_file, num_prompts=num_prompts, stop_at_eos=False,
+                        out_dir=folder, resume=resume)
     if run.reused:
         say(f"[bold]kept[/bold] the finished run in {folder} (same plan, prompts and length, run_id "
             f"{run.report['run_id']}); `specplan demo --fresh` measures it again")

@@ -60,7 +60,8 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     from specplan.engine.model.checkpoint import open_checkpoint
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
-    from specplan.validation.runs import read_prompts
+    from specplan.validation.runs import (FIXED_LENGTH, FIXED_LENGTH_WORKLOAD, encode_prompts, prompt_format,
+                                          read_prompts)
 
     refuse_gguf_weights(model_config_path(model), "--model")
     folder = model_config_path(model).parent
@@ -69,7 +70,7 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     ckpt = open_checkpoint(folder)
     tok = ckpt.tokenizer()
     texts = read_prompts(prompts_file)
-    prompts = [tok(texts[i % len(texts)])["input_ids"] for i in range(num_prompts)]
+    prompts = encode_prompts(tok, [texts[i % len(texts)] for i in range(num_prompts)])
     # the plans assume the longest prompt: the KV caches must hold it
     ask = make_ask(str(folder), vram, None, None, profile_arg, tuple(drafts) or ("none",), acceptance, calibration,
                    max(len(p) for p in prompts), gen_len, num_prompts, 50)
@@ -78,8 +79,8 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
         raise SpecplanError("the search found fewer than two plan families to compare; allow a draft (--draft) or "
                             "another budget (--vram)")
     out, rows = Path(out_dir), []
-    say(f"validating {len(plans)} plans of {ask.spec.name} on {ask.profile.name}: {num_prompts} prompts x "
-        f"{gen_len} tokens")
+    say(f"validating {len(plans)} plans of {ask.spec.name} on {ask.profile.name}: {num_prompts} prompts "
+        f"({prompt_format(tok)}) x {gen_len} tokens, {FIXED_LENGTH_WORKLOAD}")
     done = finished_rows(out / "validate.csv", say)
     resumed = [plan_id(p) for p in plans if plan_id(p) in done]
     if resumed:
@@ -96,7 +97,7 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
         # after each plan, atomically: a kill leaves the previous file or this one, never half a row
         write_atomic(out / "validate.csv", table(rows + pending(done, rows)).to_csv(index=False))
     write_atomic(out / "validate.csv", table(rows).to_csv(index=False))
-    summary = summarise(rows)
+    summary = {**summarise(rows), "stop": FIXED_LENGTH, "prompt_format": prompt_format(tok)}
     return GridReport(rows, summary, [out / "validate.csv", write_json(out / "summary.json", summary)])
 
 

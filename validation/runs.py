@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,10 +42,45 @@ def plan_id(plan) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool) -> str:
-    """A run's identity: its plan (``plan_id``), its prompts in order, the tokens asked for and the stop rule."""
-    body = [plan_id(plan), texts, new_tokens, stop_at_eos]
+def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool, raw: bool = False) -> str:
+    """A run's identity: its plan (``plan_id``), its prompts in order, the tokens asked for, the stop rule and
+    whether the prompts went in raw (``--raw``) or in the tokenizer's chat template."""
+    body = [plan_id(plan), texts, new_tokens, stop_at_eos, "raw" if raw else "chat template"]
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+#: ``report["stop"]``: how a run's sequences end
+STOP_AT_EOS = "at EOS or max_new_tokens"
+FIXED_LENGTH = "fixed length: max_new_tokens, EOS ignored (benchmark workload)"
+#: what the demo and validate print of their runs: they compare with the prediction, which assumes fixed length
+FIXED_LENGTH_WORKLOAD = "fixed-length workload (benchmark): EOS ignored"
+
+
+def prompt_format(tok, raw: bool = False) -> str:
+    """How ``encode_prompts`` encodes prompts with this tokenizer: "chat template" or "raw"."""
+    return "raw" if raw or getattr(tok, "chat_template", None) is None else "chat template"
+
+
+def encode_prompts(tok, texts: list[str], raw: bool = False) -> list[list[int]]:
+    """The token ids of each prompt as a run feeds it: one user message in the tokenizer's chat template with the
+    assistant's generation prompt after it (an Instruct model then answers), or, with ``raw`` or a tokenizer
+    without a template, the text as it is. Every run, the demo's and validate's plans and prompts use this."""
+    if prompt_format(tok, raw) == "raw":
+        return [_token_list(tok(t)["input_ids"]) for t in texts]
+    return [_token_list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                tokenize=True)) for t in texts]
+
+
+def _token_list(ids) -> list[int]:
+    """A plain list of ints from what a tokenizer returns (a list, a BatchEncoding / dict, a tensor, one row)."""
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    ids = list(ids)
+    if len(ids) == 1 and isinstance(ids[0], (list, tuple)):
+        ids = list(ids[0])
+    return [int(i) for i in ids]
 
 
 def finished_run(plan: Plan, out: Path, rid: str) -> RunReport | None:
@@ -121,11 +157,13 @@ def open_model(plan: Plan, model_dir: str | None):
 
 def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_dir: str | None = None,
                   prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
-                  num_prompts: int | None = None, stop_at_eos: bool = False,
+                  num_prompts: int | None = None, stop_at_eos: bool = False, raw: bool = False,
                   out_dir: str | Path | None = None, resume: bool = False, sampling: Sampling | None = None) -> RunReport:
     """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
-    prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``resume``: a
-    finished run of the same plan, prompts and length in ``out_dir`` is returned as it is (``RunReport.reused``)."""
+    prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``stop_at_eos``
+    False: the fixed-length (benchmark) workload the prediction assumes; ``raw``: prompts without the chat template
+    (``encode_prompts``). ``resume``: a finished run of the same plan, prompts, length, stop rule and prompt format
+    in ``out_dir`` is returned as it is (``RunReport.reused``)."""
     from specplan.engine.execute.runtime import refuse_speculative
 
     plan = load(Plan, existing_file(plan_file, "plan"))
@@ -140,22 +178,22 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
     if out.exists() and not out.is_dir():
         raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
     distinct, texts = min(len(texts), n_prompts), [texts[i % len(texts)] for i in range(n_prompts)]
-    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos)) if resume else None
+    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos, raw)) if resume else None
     if done is not None:
         return done
     ckpt = open_model(plan, model_dir)
-    return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir)
+    return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir, raw)
 
 
 def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,
-         draft_dir: str | None) -> RunReport:
+         draft_dir: str | None, raw: bool = False) -> RunReport:
     from tqdm import tqdm
 
     from specplan.engine.execute.runtime import run_plan
     from specplan.validation.compare import comparison
 
     tok = ckpt.tokenizer()
-    prompts = [tok(t)["input_ids"] for t in texts]
+    prompts = encode_prompts(tok, texts, raw)
     if any(not p for p in prompts):
         raise SpecplanError("a prompt encodes to no tokens; remove empty prompts from the file")
     eos = eos_ids(ckpt, tok)
@@ -170,10 +208,19 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
                           on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir)
     report = comparison(plan, result)
     report["prompts_distinct"] = distinct
-    report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos)
+    report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos, raw)
     report["sampling"] = plan.workload.sampling.model_dump()
-    report["stop"] = "at EOS or max_new_tokens" if stop_at_eos else "max_new_tokens (EOS ignored)"
-    return RunReport(plan, report, write_run(out, plan, result, report, texts, tok))
+    report["stop"] = STOP_AT_EOS if stop_at_eos else FIXED_LENGTH
+    report["prompt_format"] = prompt_format(tok, raw)
+    stopped = [stopped_at_eos(s, eos, stop_at_eos) for s in result.seqs]
+    report["workload"]["generated_tokens_mean"] = report["measured"]["generated_tokens"] / len(result.seqs)
+    report["stopped_at_eos"] = sum(stopped)
+    return RunReport(plan, report, write_run(out, plan, result, report, texts, tok, stopped))
+
+
+def stopped_at_eos(seq, eos: list[int], stop_at_eos: bool) -> bool:
+    """Whether a sequence ended at an end-of-sequence token (only a run that stops at EOS does)."""
+    return stop_at_eos and bool(seq.generated) and seq.generated[-1] in eos
 
 
 def eos_ids(ckpt, tok) -> list[int]:
@@ -185,15 +232,21 @@ def eos_ids(ckpt, tok) -> list[int]:
     return ids
 
 
-def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok) -> list[Path]:
-    """The result files of one run; returns their paths (calibration.json first when there is one)."""
+def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok,
+              stopped: list[bool] | None = None) -> list[Path]:
+    """The result files of one run; returns their paths (calibration.json first when there is one). A line of
+    outputs.jsonl: the prompt, the prompt as sent (its token ids decoded: the chat template's text, special tokens
+    included), the answer without special tokens, its token ids and whether it stopped at EOS."""
     from specplan.trace import write_chrome_trace, write_gantt_png, write_timeline
 
-    rows = [json.dumps({"index": s.index, "prompt": texts[s.index], "prompt_tokens": len(s.prompt),
+    stopped = stopped or [False] * len(result.seqs)
+    rows = [json.dumps({"index": s.index, "prompt": texts[s.index], "prompt_sent": tok.decode(s.prompt),
+                        "prompt_tokens": len(s.prompt),
                         "generated_text": tok.decode(s.generated, skip_special_tokens=True),
-                        "token_ids": s.generated}, ensure_ascii=False) for s in result.seqs]
+                        "token_ids": s.generated, "generated_tokens": len(s.generated),
+                        "stopped_at_eos": stop}, ensure_ascii=False) for s, stop in zip(result.seqs, stopped)]
     pol = plan.policy
-    title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {report['workload']['gen_len']} tokens, "
+    title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {tokens_label(report['workload'])}, "
              f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}")
     written = []
     acc = report.get("acceptance")
@@ -205,6 +258,12 @@ def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok
              write_chrome_trace(result.timeline, out / "trace.json"),
              write_gantt_png(result.timeline, out / "gantt.png", title=title)]
     return written + [write_json(out / "result.json", report), *files]  # result.json last: the run is finished
+
+
+def tokens_label(wl: dict) -> str:
+    """ "N tokens", or, when sequences stopped early, "M.m tokens mean (at most N)"."""
+    mean = wl.get("generated_tokens_mean", wl["gen_len"])
+    return f"{wl['gen_len']} tokens" if mean >= wl["gen_len"] else f"{mean:.1f} tokens mean (at most {wl['gen_len']})"
 
 
 def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:

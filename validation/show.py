@@ -15,14 +15,20 @@ def show_run(plan, r: dict) -> None:
     from rich.table import Table
 
     from specplan.fmt import console, human_bytes, human_seconds
+    from specplan.validation.runs import tokens_label
 
     out = console()
     wl, m, p, err = r["workload"], r["measured"], r["predicted"], r["signed_error"]
+    fmt = f"prompts: {r['prompt_format']}; " if "prompt_format" in r else ""
     out.print(f"[bold]ran {plan.model.name}[/bold]: {wl['num_prompts']} prompts ({r['prompts_distinct']} distinct) x "
-              f"{wl['gen_len']} tokens, prompt length {wl['prompt_len_mean']:.1f} mean ({wl['prompt_len_min']}-"
-              f"{wl['prompt_len_max']}; the plan assumed {wl['planned_prompt_len']}); stop: {r['stop']}; "
+              f"{tokens_label(wl)}, prompt length {wl['prompt_len_mean']:.1f} mean ({wl['prompt_len_min']}-"
+              f"{wl['prompt_len_max']}; the plan assumed {wl['planned_prompt_len']}); {fmt}stop: {r['stop']}; "
               f"compute {r['compute_dtype']}; disk reads "
               + ("none" if r["o_direct"] is None else "O_DIRECT" if r["o_direct"] else "buffered + fadvise(DONTNEED)"))
+    if wl.get("generated_tokens_mean", wl["gen_len"]) < wl["gen_len"]:
+        out.print(f"{r.get('stopped_at_eos', 0)} of {wl['num_prompts']} sequences stopped at EOS: the prediction "
+                  f"assumes {wl['gen_len']} tokens each (fixed length), so it is not like for like; --fixed-length "
+                  f"measures the benchmark workload")
     t = Table(title=f"predicted ({r['prediction_source']}) vs measured")
     for col in ("", "predicted", "measured", "(pred - meas) / meas"):
         t.add_column(col, justify="left" if not col else "right")
