@@ -10,6 +10,7 @@ from specplan.contracts.memory import kv_capacity, last_decode_context, mean_dec
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import Capacities, Plan, Workload
 from specplan.planner.drafts import DraftChoice
+from specplan.planner.dtypes import candidate_dtypes, kv_dtype_for
 from specplan.planner.expect import expected_rounds
 from specplan.planner.lp import Shape
 from specplan.planner.units import Costing, Knobs
@@ -27,6 +28,21 @@ class Ask:
     model_path: str | None = None
     command: str | None = None
     prefetch_depth: int = 1
+    #: the weight dtypes to search, preferred first (``planner.dtypes.candidate_dtypes``); empty: all candidates
+    dtypes: tuple[str, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return self.dtypes or candidate_dtypes(self.profile, self.spec)
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype this search costs weights (and compute) in: the first candidate."""
+        return self.candidates[0]
+
+    @property
+    def kv_dtype(self) -> str:
+        return kv_dtype_for(self.weight_dtype)
 
 
 @dataclass(frozen=True)
@@ -54,9 +70,8 @@ class SearchResult:
 
 
 def costing_for(ask: Ask, draft: DraftChoice) -> Costing:
-    w, kv = ask.profile.default_dtypes(ask.spec.dtype)
     d = draft.spec
-    return Costing(ask.spec, ask.profile, w, kv, draft_spec=d.spec if d.kind == "model" else None,
+    return Costing(ask.spec, ask.profile, ask.weight_dtype, ask.kv_dtype, draft_spec=d.spec if d.kind == "model" else None,
                    substitute_bits=d.bits if d.kind == "substitute" else None)
 
 

@@ -10,6 +10,7 @@ from specplan.errors import SpecplanError
 from specplan.fmt import GiB
 from specplan.jsonio import load
 from specplan.planner.ask import Ask
+from specplan.planner.dtypes import candidate_dtypes
 from specplan.planner.drafts import choices
 
 
@@ -47,7 +48,7 @@ def gpu_profiles_hint() -> str:
 def make_ask(model: str, vram: float, ram: float | None, disk: float | None, profile_arg: str | None,
              drafts: tuple[str, ...], acceptance: float | None, calibration: str | None, prompt_len: int,
              gen_len: int, num_prompts: int, top: int, command: str | None = None,
-             sampling: Sampling = Sampling()) -> Ask:
+             sampling: Sampling = Sampling(), dtype: str | None = None) -> Ask:
     """``vram``, ``ram`` and ``disk`` in GiB (``ram`` None: the profile's host memory; ``disk`` None: unlimited);
     ``drafts`` empty: every draft that fits the model; ``command``: the invocation recorded in the plans."""
     spec = load_model_spec(model)
@@ -58,4 +59,5 @@ def make_ask(model: str, vram: float, ram: float | None, disk: float | None, pro
     draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib, sampling)
     workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts, sampling=sampling)
     return Ask(spec=spec, model_name=spec.name, profile=profile, capacities=caps, workload=workload,
-               drafts=tuple(draft_choices), top=top, model_path=local, command=command)
+               drafts=tuple(draft_choices), top=top, model_path=local, command=command,
+               dtypes=candidate_dtypes(profile, spec, dtype))

@@ -28,7 +28,7 @@ def smallest_plan(ask, draft) -> Plan:
     low_draft = "device" if shared else "host"
     placement = Placement(embed=embed, lm_head=head, final_norm="device", layers=layers,
                           draft_weights=low_draft, draft_kv=low_draft)
-    w, kv = ask.profile.default_dtypes(spec.dtype)
+    w, kv = ask.weight_dtype, ask.kv_dtype
     g = 1 if d.kind != "none" else 0
     policy = Policy(prefill_batch=1, decode_batch=1, num_batches=1, draft_len=g, prefetch_depth=ask.prefetch_depth,
                     acceptance=draft.acceptance if g else None, weight_dtype=w, kv_dtype=kv,

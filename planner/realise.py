@@ -68,7 +68,7 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
               predicted: bool = True) -> Plan:
     from specplan.planner.predict import predict
 
-    w, kv = ask.profile.default_dtypes(ask.spec.dtype)
+    w, kv = ask.weight_dtype, ask.kv_dtype
     s = cand.shape
     policy = Policy(prefill_batch=s.prefill_batch, decode_batch=s.decode_batch, num_batches=s.num_batches,
                     draft_len=s.draft_len, attention_on=k.attention_on, experts_on=k.experts_on,  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specplan.errors import InfeasibleError
 from specplan.fmt import GiB
@@ -245,7 +245,7 @@ def streaming_floor(ask: Ask):
     everything off the device streams through the host->device link or is read by the host CPU from its RAM (at
     best both at full speed at once), and what fits in neither device nor host memory is read from disk. Routed
     experts count only with the probability that a pass of ``rows`` tokens touches them."""
-    w, _ = ask.profile.default_dtypes(ask.spec.dtype)
+    w = ask.weight_dtype
     spec, prof = ask.spec, ask.profile
     total = spec.weight_bytes(w)
     experts = spec.group_bytes(w)["experts"]
@@ -276,6 +276,38 @@ def fits_at_all(ask: Ask, draft: DraftChoice) -> bool:
 
 
 def search(ask: Ask) -> SearchResult:
+    """The best plans for ``ask``: one search per candidate weight dtype (``planner.dtypes``), merged by predicted
+    time, so the cost model decides between fewer bytes and faster kernels."""
+    dtypes = ask.candidates
+    if len(dtypes) == 1:
+        return search_at(replace(ask, dtypes=dtypes))
+    results, refusals = [], []
+    for d in dtypes:
+        try:
+            results.append((d, search_at(replace(ask, dtypes=(d,)))))
+        except InfeasibleError as e:
+            refusals.append(e)
+    if not results:
+        raise refusals[0]
+    merged = SearchResult(plans=[])
+    ranked = sorted(((p.prediction.total_s, i, p) for i, (_, r) in enumerate(results) for p in r.plans),  # type: ignore[union-attr]
+                    key=lambda t: (t[0], t[1]))
+    merged.plans = [p for _, _, p in ranked[:ask.top]]
+    for d, r in results:
+        merged.candidates += r.candidates
+        merged.lps += r.lps
+        merged.milps += r.milps
+        merged.pruned += r.pruned
+        merged.infeasible += r.infeasible
+        merged.notes += [n for n in r.notes if n not in merged.notes]
+        best = r.plans[0].prediction
+        merged.notes.append(f"weights in {d}: best {best.e2e_tok_s:.2f} tok/s end-to-end")  # type: ignore[union-attr]
+    merged.notes += [f"weights in {d}: nothing fits" for d in dtypes if d not in {d for d, _ in results}]
+    return merged
+
+
+def search_at(ask: Ask) -> SearchResult:
+    """The search at the ask's one weight dtype (``ask.dtypes``)."""
     s = Searcher(ask, ask.top + 2)  # spares: rounding may not fit, near-duplicates are dropped
     found = s.run()
     plans, seen = [], []

@@ -9,6 +9,7 @@ from specplan.contracts import (
 )
 from specplan.contracts.hardware import DiskInfo
 from specplan.contracts.plan import DraftSpec, ModelRef
+from specplan.planner.dtypes import candidate_dtypes
 
 from specplan.fmt import GiB  # noqa: F401 (the tests import it from here)
 
@@ -55,7 +56,7 @@ def hand_plan(spec: ModelSpec, profile: HardwareProfile, *, experts: list[str] |
               decode_batch: int = 4, num_batches: int = 1, prefill_batch: int = 4, expert_fetch: str = "routed",
               attention_on: str = "device", experts_on: str = "device", device_gib: float = 64,
               workload: Workload | None = None, prefetch_depth: int = 1) -> Plan:
-    dtype, _ = profile.default_dtypes(spec.dtype)
+    dtype = candidate_dtypes(profile, spec)[0]
     layers = [LayerPlacement(attention=attention, norms_router="device", kv_cache=kv,
                              mlp=None if spec.is_moe_layer(i) else mlp,
                              experts=(experts or ["device"] * spec.num_experts) if spec.is_moe_layer(i) else [],

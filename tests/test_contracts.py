@@ -60,8 +60,6 @@ def test_host_tier_dtypes_and_host_budget_are_decided_by_the_contracts():
 
     gpu, cpu = load_profile("rtx4090-pcie4"), cpu_profile()
     assert gpu.has_host_tier and not cpu.has_host_tier
-    assert gpu.default_dtypes("bfloat16") == ("bfloat16", "bfloat16")
-    assert cpu.default_dtypes("bfloat16") == ("float32", "float32")
     unset, set_ = Capacities(device_bytes=2**30), Capacities(device_bytes=2**30, host_bytes=5 * 2**30, disk_bytes=7)
     assert unset.capacity_bytes("host", gpu) == gpu.host.memory_bytes and set_.capacity_bytes("host", gpu) == 5 * 2**30
     assert unset.capacity_bytes("disk", gpu) is None and set_.capacity_bytes("disk", gpu) == 7

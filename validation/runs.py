@@ -18,6 +18,7 @@ from typing import Any
 
 from specplan.contracts.calibration import AcceptanceRecord, Calibration
 from specplan.contracts.plan import Plan, Sampling
+from specplan.planner.dtypes import kv_dtype_for
 from specplan.errors import SpecplanError
 from specplan.gguf import refuse_gguf_weights
 from specplan.jsonio import load, read_text, write_atomic, write_json
@@ -40,6 +41,15 @@ def plan_id(plan) -> str:
     policy and placement; not when or by which command line it was written, nor the search's figures)."""
     body = plan.model_dump(mode="json", exclude={"created_utc", "command", "prediction", "search"})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def at_dtype(plan: Plan, dtype: str) -> Plan:
+    """The plan with its weights and KV cache in ``dtype``, and its prediction recomputed for them."""
+    from specplan.planner.predict import predict
+
+    policy = plan.policy.model_copy(update={"weight_dtype": dtype, "kv_dtype": kv_dtype_for(dtype)})
+    plan = plan.model_copy(update={"policy": policy, "prediction": None})
+    return plan.model_copy(update={"prediction": predict(plan)})
 
 
 def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool, raw: bool = False) -> str:
@@ -158,7 +168,8 @@ def open_model(plan: Plan, model_dir: str | None):
 def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_dir: str | None = None,
                   prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
                   num_prompts: int | None = None, stop_at_eos: bool = False, raw: bool = False,
-                  out_dir: str | Path | None = None, resume: bool = False, sampling: Sampling | None = None) -> RunReport:
+                  out_dir: str | Path | None = None, resume: bool = False, sampling: Sampling | None = None,
+                  dtype: str | None = None) -> RunReport:
     """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
     prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``stop_at_eos``
     False: the fixed-length (benchmark) workload the prediction assumes; ``raw``: prompts without the chat template
@@ -169,6 +180,8 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
     plan = load(Plan, existing_file(plan_file, "plan"))
     if sampling is not None and sampling != plan.workload.sampling:  # the run decodes as asked; the plan records it
         plan = plan.model_copy(update={"workload": plan.workload.model_copy(update={"sampling": sampling})})
+    if dtype is not None and dtype != plan.policy.weight_dtype:  # re-costed at that dtype: the prediction follows
+        plan = at_dtype(plan, dtype)
     refuse_speculative(plan)
     new_tokens = max_new_tokens or plan.workload.gen_len
     n_prompts = num_prompts or plan.workload.num_prompts

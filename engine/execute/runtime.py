@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from specplan.contracts.hardware import compute_dtype_on
 from specplan.contracts.memory import kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.tensors import GGUF_BLOCKS
@@ -81,12 +80,12 @@ def open_draft_checkpoint(plan: Plan, folder: str | None):
     return ckpt
 
 
-def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
-    """The dtype this device computes the plan's weights in (``contracts.hardware.compute_dtype_on``)."""
+def compute_dtype(plan: Plan) -> torch.dtype:
+    """The dtype the engine computes the plan's weights in: the plan's weight dtype (the search chose it)."""
     if plan.policy.weight_dtype in GGUF_BLOCKS:
         raise SpecplanError(f"the plan stores weights as {plan.policy.weight_dtype} (a GGUF format); the engine "
                             f"computes in float32, bfloat16 or float16: re-plan the model from an HF folder")
-    name = compute_dtype_on(device.type, plan.policy.weight_dtype)
+    name = plan.policy.weight_dtype
     if name not in ("float32", "bfloat16", "float16"):
         raise SpecplanError(f"the engine computes in float32, bfloat16 or float16; the plan asks for weights in "
                             f"{name}; re-plan with one of those")
@@ -121,7 +120,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SpecplanError("every prompt needs at least one token")
-    dtype = dtype or compute_dtype(plan, device)
+    dtype = dtype or compute_dtype(plan)
     dtype_name = str(dtype).removeprefix("torch.")
     item = torch.empty((), dtype=dtype).element_size()
     entries = layout_of(ckpt, dtype_name)

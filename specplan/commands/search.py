@@ -9,6 +9,7 @@ import click
 
 from specplan.commands._params import GIB, sampling_of, sampling_options
 from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS, Sampling
+from specplan.planner.dtypes import ENGINE_DTYPES
 
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 
@@ -42,12 +43,15 @@ DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 @click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=DEFAULT_NUM_PROMPTS, show_default=True,
               help="Prompts in the workload.")
 @sampling_options()
+@click.option("--dtype", type=click.Choice(ENGINE_DTYPES), default=None,
+              help="Weight and compute dtype [default: every dtype the profile has matmul figures for and no other "
+                   "dominates (fewer bytes, faster matmuls), the fastest plan wins; a GGUF file: as stored].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the best plan here.")
 @click.option("--top", type=click.IntRange(min=1, max=50), default=5, show_default=True, help="Plans to list.")
 @click.option("--explain", is_flag=True, help="Say why the best plan wins and what more memory or a faster "
                                                 "resource would buy (re-runs the search a few times).")
 def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration, prompt_len, gen_len, num_prompts,
-            temperature, top_p, top_k, seed, output, top, explain) -> None:
+            temperature, top_p, top_k, seed, dtype, output, top, explain) -> None:
     """Search batch sizes, speculative drafts and tensor placement for the highest end-to-end throughput.
 
     Every combination of the discrete knobs gets an LP that places tensor groups over device / host / disk
@@ -62,7 +66,7 @@ def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration
 
     t0 = time.perf_counter()
     ask = make_ask(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration, prompt_len, gen_len,
-                   num_prompts, top, _command_line(), sampling_of(Sampling(), temperature, top_p, top_k, seed))
+                   num_prompts, top, _command_line(), sampling_of(Sampling(), temperature, top_p, top_k, seed), dtype)
     result = search(ask)
     click.echo("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
     best = result.plans[0]

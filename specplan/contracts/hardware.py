@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from specplan.contracts.strict import Strict
-from specplan.contracts.tensors import GGUF_BLOCKS, unpacked_dtype
 from specplan.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -29,13 +28,6 @@ LINKS = (
     "disk_read_buffered",
     "disk_write",
 )
-
-
-def compute_dtype_on(device_kind: str, dtype: str) -> str:
-    """The dtype a device of ``device_kind`` ("cuda", "cpu", or a torch device type) computes ``dtype`` weights
-    in: float32 on a CPU (bf16 matmuls are several times slower there), else ``dtype`` itself. The planner's
-    default dtypes and the engine's compute dtype both come from here."""
-    return "float32" if device_kind == "cpu" else dtype
 
 
 #: the engine process's resident bytes outside a plan's tensors where a profile has no measured figure (published
@@ -272,12 +264,6 @@ class HardwareProfile(Strict):
     def os_reserve_bytes(self) -> int:
         """Host RAM left to the operating system: ``OS_RESERVE_FRACTION`` of it, at least ``OS_RESERVE_MIN_BYTES``."""
         return max(OS_RESERVE_MIN_BYTES, int(OS_RESERVE_FRACTION * self.host.memory_bytes))
-
-    def default_dtypes(self, model_dtype: str) -> tuple[str, str]:
-        """(weight dtype, KV dtype) for a model stored in ``model_dtype`` on this machine's device: a GGUF block
-        format stays as stored (its KV cache unpacked), a plain dtype is computed as ``compute_dtype_on`` says."""
-        kv = compute_dtype_on(self.device.kind, unpacked_dtype(model_dtype))
-        return (model_dtype if model_dtype in GGUF_BLOCKS else kv), kv
 
     def link(self, name: str) -> Link | None:
         return self.links.get(name)
