@@ -17,35 +17,13 @@ measured in this one benchmark; writes one row per run to ``--csv``; exits 1 if 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 SPEEDUP_GOAL = 1.7
 ERROR_GOAL = 0.10
-VOID_OTHERS = 0.15  # share of the CPUs other processes may take during a run before it is void
-
-
-def busy_s() -> float:
-    """CPU seconds of all processes since boot, from /proc/stat (idle and iowait excluded)."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def run_once(plan: Path, prompts: Path, n: int, out: Path) -> tuple[dict, float]:
-    """``specplan run PLAN`` in a fresh process; (its result.json, the share of the CPUs others took meanwhile)."""
-    before, child0, t0 = busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-    subprocess.run([sys.executable, "-m", "specplan", "run", str(plan), "--fixed-length", "--prompts", str(prompts),
-                    "--num-prompts", str(n), "-o", str(out)], check=True, stdout=subprocess.DEVNULL)
-    child1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
-    own = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
-    others = max(0.0, (busy_s() - before - own) / (wall * (os.cpu_count() or 1)))
-    return json.loads((out / "result.json").read_text()), others
 
 
 def main() -> None:
@@ -70,6 +48,7 @@ def main() -> None:
     from specplan.planner.search import search
     from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
     from specplan.validation.runs import read_prompts
+    from specplan.validation.trials import VOID_OTHERS, run_fresh
 
     demo = build_demo(log=print)
     profile = args.profile or (str(measured_profiles()[0]) if measured_profiles() else None)
@@ -106,11 +85,12 @@ def main() -> None:
     rows: list[dict] = []
     for name, plan in plans.items():  # warm-up: writes the offload file in the plan's dtype, fills caches
         print(f"warm-up {name} ...", flush=True)
-        run_once(plan, prompts, 2, out / f"warmup-{plan.stem}")
+        run_fresh(plan, prompts, 2, out / f"warmup-{plan.stem}")
     for rep in range(args.repeat):
         for name, plan in plans.items():
             for attempt in range(3):
-                report, others = run_once(plan, prompts, args.prompts, out / f"{plan.stem}-{rep}")
+                report, others = run_fresh(plan, prompts, args.prompts, out / f"{plan.stem}-{rep}")
+                others = others or 0.0
                 if others <= VOID_OTHERS:
                     break
                 print(f"  void: other processes took {others:.0%} of the CPUs; again")

@@ -27,7 +27,7 @@ def test_demo_runs_every_step_into_one_folder(tiny_model, tmp_path, monkeypatch)
     profile = write_json(tmp_path / "cpu.json", cpu_profile())
     out = tmp_path / "demo"
     r = CliRunner().invoke(main, ["demo", "--vram", "0.01", "--profile", str(profile), "--num-prompts", "3",
-                                  "--gen-len", "4", "-o", str(out)])
+                                  "--gen-len", "4", "--reps", "2", "-o", str(out)])
     assert r.exit_code == 0, r.output
     for step in ("1/6 demo models", "2/6 hardware profile", "3/6 calibrate", "4/6 search", "5/6 simulate", "6/6 run"):
         assert step in r.output
@@ -44,10 +44,16 @@ def test_demo_runs_every_step_into_one_folder(tiny_model, tmp_path, monkeypatch)
     assert "--draft none" in baseline.command
     for f in ("simulated/timeline.json", "simulated/trace.json", "simulated/gantt.png", "workload_prompts.txt"):
         assert (out / f).is_file(), f
-    for folder in ("measured", "baseline/measured"):
-        result = json.loads((out / folder / "result.json").read_text())
-        assert result["workload"]["num_prompts"] == 3 and result["workload"]["gen_len"] == 4
-        assert f"wrote {out / folder / 'result.json'}" in r.output
+    for folder in ("measured", "baseline/measured"):  # each plan twice, each time in its own process
+        for rep in (1, 2):
+            result = json.loads((out / folder / f"rep{rep}" / "result.json").read_text())
+            assert result["workload"]["num_prompts"] == 3 and result["workload"]["gen_len"] == 4
+            assert "ran " in (out / folder / f"rep{rep}" / "run.log").read_text()
+    order = [line.split(" trial ")[0] for line in r.output.splitlines() if " trial " in line and "(fresh process)" in line]
+    assert order == ["best", "baseline", "best", "baseline"]  # interleaved
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["contenders"]["best"]["trials"] == 2
+    assert set(comparison["speedup_best_over_baseline"]) == {"decode_tok_s", "e2e_tok_s"}
 
 
 @pytest.mark.slow
@@ -58,11 +64,12 @@ def test_demo_goes_on_after_kill_9_keeping_every_finished_run(tiny_model, tmp_pa
     target = models.upcycle_to_mixtral(draft, tmp_path / "moe", num_experts=4, top_k=2, noise=0.3, seed=3)
     profile = write_json(tmp_path / "cpu.json", cpu_profile())
     out = tmp_path / "demo"
-    args = ["demo", "--vram", "0.01", "--profile", str(profile), "--num-prompts", "3", "--gen-len", "4", "-o", str(out)]
+    args = ["demo", "--vram", "0.01", "--profile", str(profile), "--num-prompts", "3", "--gen-len", "4", "--reps", "2",
+            "-o", str(out)]
     script = ("import sys; from specplan.engine.build import models; "
               f"models.build_demo = lambda log=None: models.DemoModels(target={str(target)!r}, draft={str(draft)!r}); "
               "from specplan.cli import main; main(sys.argv[1:])")
-    best = out / "measured" / "result.json"
+    best = out / "measured" / "rep1" / "result.json"
     child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
@@ -73,17 +80,18 @@ def test_demo_goes_on_after_kill_9_keeping_every_finished_run(tiny_model, tmp_pa
     finally:
         child.wait(timeout=60)
     assert best.is_file(), "the demo ended or timed out before its best plan's run finished"
-    print(f"killed; the baseline's run had finished: {(out / 'baseline' / 'measured' / 'result.json').is_file()}")
+    print(f"killed; the baseline's first trial had finished: "
+          f"{(out / 'baseline' / 'measured' / 'rep1' / 'result.json').is_file()}")
     kept = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (best, out / "calibration" / "result.json",
-                                                                 out / "measured" / "outputs.jsonl")}
+                                                                 out / "measured" / "rep1" / "outputs.jsonl")}
     monkeypatch.setattr(models, "build_demo", lambda log=None: models.DemoModels(target=target, draft=draft))
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert f"kept the finished run in {out / 'measured'}" in r.output.replace("\n", " ")
+    assert f"kept best trial 1/2 ({out / 'measured' / 'rep1'})" in r.output.replace("\n", " ")
     assert f"kept the finished run in {out / 'calibration'}" in r.output.replace("\n", " ")
     assert all((f.read_bytes(), f.stat().st_mtime_ns) == v for f, v in kept.items())
-    assert (out / "baseline" / "measured" / "result.json").is_file()
+    assert (out / "baseline" / "measured" / "rep2" / "result.json").is_file()
     assert "over the best plan without a draft" in r.output
     r = CliRunner().invoke(main, [*args, "--fresh"])
-    assert r.exit_code == 0 and "kept the finished run" not in r.output
+    assert r.exit_code == 0 and "kept the finished run" not in r.output and "kept best trial" not in r.output
     assert best.stat().st_mtime_ns != kept[best][1]

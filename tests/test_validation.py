@@ -21,9 +21,11 @@ from specplan.jsonio import load, write_json
 from specplan.planner.asking import make_ask
 from specplan.planner.predict import predict
 from specplan.validation.compare import prediction_for, signed_error
-from specplan.validation.demo import speedup_lines
+from specplan.validation.demo import comparison_lines
 from specplan.validation.grid import family, grid, summarise
 from specplan.validation.runs import calibration_of, read_prompts
+from specplan.validation.trials import Trial, median_trial
+from specplan.validation.trials import summarise as summarise_trials
 
 
 def ran(wl: Workload, prompt_len_mean: float | None = None) -> SimpleNamespace:
@@ -114,14 +116,29 @@ def test_an_old_calibration_file_reads_its_acceptance_as_the_mle(tmp_path):
     assert rec.per_token_acceptance_mle == 0.925 and rec.accepted_fraction is None
 
 
-def test_the_demo_speedup_is_best_over_baseline():
-    best = {"policy": {"draft_len": 4}, "measured": {"decode_tok_s": 6.0, "e2e_tok_s": 3.0},
-            "predicted": {"decode_tok_s": 8.0, "e2e_tok_s": 4.0}}
-    base = {"policy": {"draft_len": 0}, "measured": {"decode_tok_s": 4.0, "e2e_tok_s": 2.0},
-            "predicted": {"decode_tok_s": 4.0, "e2e_tok_s": 4.0}}
-    lines = speedup_lines({"best": best, "baseline": base})
-    assert "draft length 4" in lines[0] and "decode-only: measured 1.50x" in lines[0] and "predicted 2.00x" in lines[0]
-    assert "end-to-end: measured 1.50x" in lines[1] and "predicted 1.00x" in lines[1]
+def test_the_demo_compares_medians_of_interleaved_trials(tmp_path):
+    """Medians and min..max per contender, the speedup as the ratio of the medians with its spread paired by
+    repetition, the prediction's signed error against the median; a contended trial is counted."""
+    def report(g: int, decode: float, e2e: float, pred_decode: float, pred_e2e: float) -> dict:
+        return {"policy": {"draft_len": g}, "measured": {"decode_tok_s": decode, "e2e_tok_s": e2e},
+                "predicted": {"decode_tok_s": pred_decode, "e2e_tok_s": pred_e2e}}
+
+    trials = [Trial("best", r, tmp_path / f"b{r}", report(4, d, d / 2, 8.0, 4.0), o)
+              for r, d, o in ((1, 6.0, 0.01), (2, 9.0, 0.5), (3, 5.0, None))]
+    trials += [Trial("baseline", r, tmp_path / f"a{r}", report(0, d, d / 2, 4.0, 4.0), 0.0)
+               for r, d in ((1, 4.0), (2, 3.0), (3, 5.0))]
+    s = summarise_trials(trials)
+    assert s["best"]["decode_tok_s"]["measured"] == {"median": 6.0, "min": 5.0, "max": 9.0}
+    assert s["best"]["decode_tok_s"]["signed_error"] == pytest.approx((8.0 - 6.0) / 6.0)
+    assert s["best"]["contended_trials"] == 1 and s["baseline"]["contended_trials"] == 0
+    assert median_trial(trials, "best").rep == 1
+    lines, speedups = comparison_lines(s, trials)
+    r = speedups["decode_tok_s"]
+    assert r["measured"] == pytest.approx(6.0 / 4.0) and r["predicted"] == pytest.approx(2.0)
+    assert (r["measured_min"], r["measured_max"]) == pytest.approx((1.0, 3.0))  # 5/5 and 9/3
+    assert "draft length 4" in lines[0] and "1 contended" in lines[0] and "no draft" in lines[1]
+    assert "decode-only: measured 1.50x" in lines[2] and "predicted 2.00x" in lines[2]
+    assert "end-to-end: measured 1.50x" in lines[3] and "predicted 1.00x" in lines[3]
 
 
 def test_prompts_as_text_or_jsonl(tmp_path):

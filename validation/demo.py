@@ -7,8 +7,9 @@
     4 search    the best plan under a resident budget that leaves most experts on disk, with the measured
                 acceptance, and the best plan without a draft (the baseline)
     5 simulate  the best plan
-    6 run       both plans on the other prompts; predicted vs simulated vs measured, and the speedup of
-                speculative decoding measured in this one run
+    6 run       both plans on the other prompts, each in its own fresh process, interleaved, ``reps`` times
+                (``validation.trials``); predicted vs simulated vs measured, medians and spreads, and the speedup
+                of speculative decoding from the medians (comparison.json)
 
 Each step calls the functions its subcommand calls and prints what it prints; the files land in one folder.
 """
@@ -23,21 +24,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from specplan.contracts.plan import Sampling
+from specplan.contracts.plan import Plan
+from specplan.jsonio import load, write_atomic, write_json
 from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, RunReport, encode_prompts, read_prompts, run_plan_file
 from specplan.validation.show import show_run, show_written
+from specplan.validation.trials import Contender, median_trial, ratio, run_trials, summarise
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
 CALIBRATION_PROMPTS = 4
 
 
 def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str | Path,
-             say: Callable[[str], None] = print, fresh: bool = False, sampling: Sampling = Sampling()) -> None:
+             say: Callable[[str], None] = print, fresh: bool = False, sampling: Sampling = Sampling(),
+             reps: int = 3) -> None:
     """The six steps, ``vram`` in GiB; ``say`` prints the step headings (rich markup). A demo run again into the
     same folder (after a ``kill -9``, say) keeps the runs that finished there with the same plan, prompts and
     length and runs only the others; ``fresh`` runs everything again."""
     from specplan.catalog import measured_profiles
     from specplan.engine.build.models import build_demo
-    from specplan.jsonio import write_atomic
 
     out = Path(out_dir)
     say("[bold]1/6 demo models[/bold]")
@@ -75,13 +79,26 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     say("[bold]5/6 simulate[/bold] the best plan")
     simulate_step(out / "plan.json", out / "simulated")
 
-    say(f"[bold]6/6 run[/bold] the best plan, then the baseline, on the workload prompts ({FIXED_LENGTH_WORKLOAD})")
-    runs = {name: run_step(plan_file, files["workload"], num_prompts, folder, not fresh, say).report
-            for name, plan_file, folder in (("best", out / "plan.json", out / "measured"),
-                                            ("baseline", out / "baseline" / "plan.json",
-                                             out / "baseline" / "measured"))}
-    for line in speedup_lines(runs):
+    say(f"[bold]6/6 run[/bold] the best plan and the baseline on the workload prompts ({FIXED_LENGTH_WORKLOAD}), "
+        f"each in its own fresh process, interleaved, {reps} times")
+    contenders = [Contender("best", out / "plan.json", out / "measured"),
+                  Contender("baseline", out / "baseline" / "plan.json", out / "baseline" / "measured")]
+    trials = run_trials(contenders, files["workload"], num_prompts, reps, resume=not fresh, say=say)
+    summary = summarise(trials)
+    for c in contenders:
+        t = median_trial(trials, c.name)
+        say(f"[bold]{c.name}[/bold]: its median trial ({t.folder}), as `specplan run` prints it")
+        show_run(load(Plan, c.plan_file), t.report)
+    lines, speedups = comparison_lines(summary, trials)
+    for line in lines:
         say(line)
+    show_written([write_json(out / "comparison.json", {**summary_body(summary, speedups, reps),
+                                                       "workload": FIXED_LENGTH_WORKLOAD})])
+
+
+def summary_body(summary: dict, speedups: dict, reps: int) -> dict:
+    return {"method": f"each plan in its own fresh process (`specplan run --fixed-length`), interleaved, {reps} "
+                      f"repetitions; medians and min..max", "contenders": summary, "speedup_best_over_baseline": speedups}
 
 
 def longest_prompt(model_dir: Path, texts: list[str]) -> int:
@@ -97,7 +114,6 @@ def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_
                 sampling: Sampling = Sampling()) -> None:
     """What ``specplan search`` does and prints for these options, writing the best plan to ``output``; the plan
     records the equivalent ``specplan search`` command line."""
-    from specplan.jsonio import write_json
     from specplan.planner.asking import make_ask
     from specplan.planner.report import search_lines
     from specplan.planner.search import search
@@ -120,7 +136,6 @@ def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_
 def simulate_step(plan_file: Path, folder: Path) -> None:
     """What ``specplan simulate PLAN -o timeline.json --trace trace.json --png gantt.png`` does and prints."""
     from specplan.contracts.plan import Plan
-    from specplan.jsonio import load
     from specplan.simulator import simulate
     from specplan.simulator.show import show_simulation, write_simulation
 
@@ -148,15 +163,20 @@ def run_step(plan_file: Path, prompts_file: Path, num_prompts: int | None, folde
     return run
 
 
-def speedup_lines(runs: dict[str, dict]) -> list[str]:
-    """The best plan over the baseline (result.json bodies), measured and predicted, decode-only and end-to-end."""
-    best, base = runs["best"], runs["baseline"]
-    draft = best["policy"]["draft_len"]
-    label = f"draft length {draft}" if draft else "no draft"
-    lines = []
+def comparison_lines(summary: dict, trials: list) -> tuple[list[str], dict]:
+    """The two plans' medians and spreads, and the best plan over the baseline from the medians (decode-only and
+    end-to-end), measured and predicted; and those speedups as numbers."""
+    lines, speedups = [], {}
+    for name, s in summary.items():
+        g = s["policy"]["draft_len"]
+        lines.append(f"{name} ({f'draft length {g}' if g else 'no draft'}, {s['trials']} trials"
+                     + (f", {s['contended_trials']} contended" if s["contended_trials"] else "") + "): " + "; ".join(
+            f"{what} median {s[k]['measured']['median']:.2f} tok/s ({s[k]['measured']['min']:.2f}..."
+            f"{s[k]['measured']['max']:.2f}), predicted {s[k]['predicted']:.2f} ({s[k]['signed_error']:+.1%})"
+            for k, what in (("decode_tok_s", "decode-only"), ("e2e_tok_s", "end-to-end"))))
     for key, what in (("decode_tok_s", "decode-only"), ("e2e_tok_s", "end-to-end")):
-        m = best["measured"][key] / base["measured"][key]
-        p = best["predicted"][key] / base["predicted"][key]
-        lines.append(f"best plan ({label}) over the best plan without a draft, {what}: measured {m:.2f}x "
-                     f"({best['measured'][key]:.2f} vs {base['measured'][key]:.2f} tok/s), predicted {p:.2f}x")
-    return lines
+        r = speedups[key] = ratio(summary, trials, "best", "baseline", key)
+        lines.append(f"best plan over the best plan without a draft, {what}: measured {r['measured']:.2f}x (ratio of "
+                     f"the medians; {r['measured_min']:.2f}x..{r['measured_max']:.2f}x paired by repetition), "
+                     f"predicted {r['predicted']:.2f}x")
+    return lines, speedups

@@ -183,19 +183,36 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
     if dtype is not None and dtype != plan.policy.weight_dtype:  # re-costed at that dtype: the prediction follows
         plan = at_dtype(plan, dtype)
     refuse_speculative(plan)
-    new_tokens = max_new_tokens or plan.workload.gen_len
-    n_prompts = num_prompts or plan.workload.num_prompts
-    texts = read_prompts(prompts_file)
+    texts, distinct, new_tokens = workload_of(plan, prompts_file, num_prompts, max_new_tokens)
     stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
     out = Path(out_dir) if out_dir else Path("results") / f"{Path(plan_file).stem}-{stamp}"
     if out.exists() and not out.is_dir():
         raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
-    distinct, texts = min(len(texts), n_prompts), [texts[i % len(texts)] for i in range(n_prompts)]
     done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos, raw)) if resume else None
     if done is not None:
         return done
     ckpt = open_model(plan, model_dir)
     return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir, raw)
+
+
+def workload_of(plan: Plan, prompts_file: str | Path | None, num_prompts: int | None,
+                max_new_tokens: int | None) -> tuple[list[str], int, int]:
+    """The prompts a run feeds (the file's, repeated to ``num_prompts``, else the plan's count), how many of them
+    are distinct, and the tokens asked for per sequence (``max_new_tokens``, else the plan's)."""
+    n_prompts = num_prompts or plan.workload.num_prompts
+    texts = read_prompts(prompts_file)
+    return [texts[i % len(texts)] for i in range(n_prompts)], min(len(texts), n_prompts), \
+        max_new_tokens or plan.workload.gen_len
+
+
+def find_finished(plan_file: str | Path, prompts_file: str | Path | None, num_prompts: int | None,
+                  max_new_tokens: int | None, out: Path) -> dict | None:
+    """The result.json body of the fixed-length run ``specplan run PLAN --fixed-length`` with these options
+    finished in ``out`` (same plan, prompts and length), else None."""
+    plan = load(Plan, existing_file(plan_file, "plan"))
+    texts, _, new_tokens = workload_of(plan, prompts_file, num_prompts, max_new_tokens)
+    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos=False))
+    return None if done is None else done.report
 
 
 def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,

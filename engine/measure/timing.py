@@ -129,11 +129,12 @@ class CpuUsage:
             return None
         tick = os.sysconf("SC_CLK_TCK")
         busy = sum(fields[:8]) - fields[3] - fields[4]  # everything but idle and iowait (steal included)
-        own = sum(os.times()[:2])
+        own = sum(os.times()[:4])  # this process and the children it waited for
         return busy / tick, own, time.monotonic()
 
     def others_fraction(self) -> float | None:
-        """Share of all CPUs' time used by other processes (and the hypervisor's steal) since construction."""
+        """Share of all CPUs' time used by other processes (and the hypervisor's steal) since construction; this
+        process's own time and its finished children's are not counted as others'."""
         end = self._read()
         if self.start is None or end is None:
             return None
