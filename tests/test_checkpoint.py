@@ -199,3 +199,18 @@ def test_bfloat16_read_converts(tiny_model):
     assert ref.dtype == "bfloat16" and ref.nbytes == 2 * ref.shape[0] * ref.shape[1]
     raw, f32 = ckpt.read(ref.name, None), ckpt.read(ref.name)
     assert raw.dtype == torch.bfloat16 and f32.dtype == torch.float32 and torch.equal(raw.float(), f32)
+
+
+def test_a_converting_read_goes_chunk_by_chunk_and_equals_the_whole_conversion(tiny_model, monkeypatch):
+    """Reading float32 weights as bfloat16 through a scratch buffer smaller than the tensor (chunks not a divisor of
+    its size) gives exactly the whole tensor converted, without the process keeping a float32 copy around."""
+    from specplan.engine.model import checkpoint
+
+    ckpt = open_checkpoint(tiny_model("llama"))
+    ref = ckpt.tensors["layers.0.mlp.down"]
+    whole = ckpt.read(ref.name, None)
+    assert whole.dtype == torch.float32
+    monkeypatch.setattr(checkpoint, "CONVERT_CHUNK_BYTES", 4 * 97)
+    got = ckpt.read(ref.name, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == whole.shape and torch.equal(got, whole.to(torch.bfloat16))
+    assert torch.equal(ckpt.read(ref.name, torch.float64), whole.double())

@@ -1,9 +1,8 @@
 """Honest comparisons: each contender (a plan file) runs as ``specplan run --fixed-length`` in its own fresh process,
 the contenders interleaved (A B A B A B), ``reps`` times, same prompts; each trial's folder keeps its result files.
 
-A plan run after another plan in the same process is slower than run alone (the first run leaves the process's heap
-and page tables large and torch's thread pools warm for another shape), so the demo, ``validate`` and the benchmarks
-compare plans only across processes, never inside one. A trial during which other processes took more than
+A plan run after other work in the same process measured slower than run alone (the demo's no-draft plan 14.1-15.7
+tok/s inside the demo, 19.1-19.5 alone), so comparisons run each trial in a process of its own. A trial during which other processes took more than
 ``VOID_OTHERS`` of the CPUs is void: it is run again (up to ``attempts`` times) and, if still contended, kept and
 marked ``contended``. Trials that finished in their folder with the same plan, prompts and length (``run_id``) are
 kept (an interrupted comparison goes on where it stopped; ``resume=False`` runs them all).

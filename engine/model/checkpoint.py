@@ -249,25 +249,48 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: bytes read at a time when a tensor is converted on the way in (the scratch buffer's size)
+CONVERT_CHUNK_BYTES = 16 << 20
+
+
 def read_tensor(ref: TensorRef, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """Read one tensor's bytes (buffered) and convert it to ``dtype`` (None keeps the stored dtype)."""
-    raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # not zero-filled: the reads overwrite every byte
-    view, got = memoryview(raw.numpy()), 0
+    """Read one tensor's bytes (buffered) and convert it to ``dtype`` (None keeps the stored dtype). A conversion
+    goes through a scratch buffer of ``CONVERT_CHUNK_BYTES``, straight into the result: reading a float32 tensor
+    whole and converting it would leave the freed float32 copy in the allocator's heap, and a bfloat16 plan's
+    process would stay resident at its float32 size."""
+    stored = ref.torch_dtype
+    if dtype is None or dtype == stored:
+        raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # not zero-filled: the reads overwrite every byte
+        _read_into(ref, memoryview(raw.numpy()), ref.offset)
+        return raw.view(stored).reshape(ref.shape)
+    out = torch.empty(ref.shape, dtype=dtype).reshape(-1)
+    item = stored.itemsize
+    per = max(1, CONVERT_CHUNK_BYTES // item)
+    scratch = torch.empty(min(out.numel(), per) * item, dtype=torch.uint8)
+    for lo in range(0, out.numel(), per):
+        n = min(per, out.numel() - lo)
+        part = scratch[:n * item]
+        _read_into(ref, memoryview(part.numpy()), ref.offset + lo * item)
+        out[lo:lo + n].copy_(part.view(stored))
+    return out.reshape(ref.shape)
+
+
+def _read_into(ref: TensorRef, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes at ``offset`` (part of tensor ``ref``)."""
+    got = 0
     try:
         with ref.file.open("rb", buffering=0) as f:
-            f.seek(ref.offset)
-            while got < ref.nbytes:  # one read(2) returns at most ~2 GiB
+            f.seek(offset)
+            while got < len(view):  # one read(2) returns at most ~2 GiB
                 n = f.readinto(view[got:])
                 if not n:
                     break
                 got += n
     except OSError as e:
         raise SpecplanError(f"{ref.file}: cannot read tensor '{ref.name}' ({e.strerror})") from None
-    if got != ref.nbytes:
-        raise SpecplanError(f"{ref.file}: truncated while reading tensor '{ref.name}' (got {got} of {ref.nbytes} "
-                            f"bytes); re-download or rebuild the checkpoint")
-    t = raw.view(ref.torch_dtype).reshape(ref.shape)
-    return t if dtype is None or dtype == t.dtype else t.to(dtype)
+    if got != len(view):
+        raise SpecplanError(f"{ref.file}: truncated while reading tensor '{ref.name}' (got {offset - ref.offset + got}"
+                            f" of {ref.nbytes} bytes); re-download or rebuild the checkpoint")
 
 
 # ---- opening a folder --------------------------------------------------------------------------------------------
