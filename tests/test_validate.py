@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -32,23 +33,34 @@ def test_validate_runs_the_grid_and_summarises(folders, tmp_path):
     moe, dense = folders
     profile = write_json(tmp_path / "cpu.json", cpu_profile())
     out = tmp_path / "val"
-    r = CliRunner().invoke(main, ["validate", "--model", str(moe), "--vram", "0.01", "--profile", str(profile),
-                                  "--draft", "none", "--draft", str(dense), "--acceptance", "0.6",
-                                  "--num-prompts", "3", "--gen-len", "5", "--plans", "4", "-o", str(out)])
+    r = CliRunner().invoke(main, ["validate", "--model", str(moe), "--vram", "0.01", "--vram", "0.02", "--profile",
+                                  str(profile), "--draft", "none", "--draft", str(dense), "--acceptance", "0.6",
+                                  "--num-prompts", "3", "--gen-len", "5", "--plans", "4", "--reps", "2",
+                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     rows = pd.read_csv(out / "validate.csv")
-    assert 2 <= len(rows) <= 4 and rows.chosen.tolist() == [True] + [False] * (len(rows) - 1)
-    assert {"none", dense.name} <= set(rows.draft)  # a grid of families, with and without the draft
-    assert (rows.measured_decode_tok_s > 0).all() and (rows.predicted_decode_tok_s > 0).all()
-    err = (rows.predicted_decode_tok_s - rows.measured_decode_tok_s) / rows.measured_decode_tok_s
-    assert err.tolist() == pytest.approx(rows.signed_error_predicted.tolist())
+    assert len(rows) == 4 and rows.chosen.tolist()[:2] == [True, True] and not rows.chosen[2:].any()
+    assert set(rows.vram_gib) == {0.01, 0.02} and rows.plan_id.is_unique
+    assert (rows.trials == 2).all() and (rows.resident_fraction.between(0, 1)).all()
+    trials = pd.read_csv(out / "trials.csv")  # every plan twice, interleaved, each in its own process
+    assert trials.plan.tolist() == [f"plan{i}" for i in range(4)] * 2 and trials.rep.tolist() == [1] * 4 + [2] * 4
+    for t in trials.itertuples():
+        assert (Path(t.folder) / "result.json").is_file() and "ran " in (Path(t.folder) / "run.log").read_text()
+    med = trials.groupby("plan", sort=False).measured_e2e_tok_s.median().tolist()
+    assert rows.measured_e2e_tok_s.tolist() == pytest.approx(med)
+    assert (rows.measured_e2e_min_tok_s <= rows.measured_e2e_tok_s).all()
+    err = (rows.predicted_e2e_tok_s - rows.measured_e2e_tok_s) / rows.measured_e2e_tok_s
+    assert err.tolist() == pytest.approx(rows.signed_error_predicted_e2e.tolist())
     s = json.loads((out / "summary.json").read_text())
-    assert s["plans"] == len(rows)
-    assert s["regret"] == pytest.approx(rows.measured_decode_tok_s.max() / rows.measured_decode_tok_s[0])
-    assert s["decode_error_predicted"]["worst"] == pytest.approx(err[err.abs().idxmax()])
-    if len(rows) > 2 and s["spearman_predicted_vs_measured"] is not None:
-        rho = spearmanr(rows.predicted_decode_tok_s, rows.measured_decode_tok_s).statistic
-        assert s["spearman_predicted_vs_measured"] == pytest.approx(rho)
+    assert s["plans"] == len(rows) and s["reps"] == 2
+    assert s["e2e_error_predicted"]["worst"] == pytest.approx(err[err.abs().idxmax()])
+    for budget, g in s["regret_e2e_by_budget"].items():
+        here = rows[rows.vram_gib == float(budget)]
+        chosen = here[here.chosen].measured_e2e_tok_s.iloc[0]
+        assert g["regret"] == pytest.approx(here.measured_e2e_tok_s.max() / chosen)
+    if s["spearman_predicted_vs_measured_e2e"] is not None:
+        rho = spearmanr(rows.predicted_e2e_tok_s, rows.measured_e2e_tok_s).statistic
+        assert s["spearman_predicted_vs_measured_e2e"] == pytest.approx(rho)
     for i in range(len(rows)):
         assert (out / f"plan{i}.json").is_file()
     assert "regret of the planner's choice" in r.output and "rank correlation" in r.output
@@ -59,16 +71,16 @@ def test_validate_needs_weights(tmp_path):
     assert r.exit_code == 2 and r.output.startswith("Error:") and "needs an HF model folder" in r.output, r.output
 
 
-def test_validate_resumes_after_kill_9_with_every_finished_row_intact(folders, tmp_path):
-    """A sweep killed with SIGKILL after its first row keeps that row; the same command again skips the finished
-    plans (matched by plan_id, not by position) and appends the rest: every plan once, the first row untouched."""
+def test_validate_resumes_after_kill_9_with_every_finished_trial_intact(folders, tmp_path):
+    """A sweep killed with SIGKILL after its first trial keeps it; the same command again keeps every finished
+    trial untouched (its folder's files, matched by the run's identity) and runs the rest: each plan twice."""
     moe, dense = folders
     profile = write_json(tmp_path / "cpu.json", cpu_profile())
     out = tmp_path / "val"
     args = ["validate", "--model", str(moe), "--vram", "0.01", "--profile", str(profile), "--draft", "none",
-            "--draft", str(dense), "--acceptance", "0.6", "--num-prompts", "3", "--gen-len", "12", "--plans", "4",
-            "-o", str(out)]
-    csv = out / "validate.csv"
+            "--draft", str(dense), "--acceptance", "0.6", "--num-prompts", "3", "--gen-len", "12", "--plans", "3",
+            "--reps", "2", "-o", str(out)]
+    csv = out / "trials.csv"
     child = subprocess.Popen([sys.executable, "-m", "specplan", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
@@ -78,19 +90,21 @@ def test_validate_resumes_after_kill_9_with_every_finished_row_intact(folders, t
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait(timeout=60)
-    assert csv.is_file(), "the sweep ended or timed out before its first row"
+    assert csv.is_file(), "the sweep ended or timed out before its first trial"
     first = pd.read_csv(csv)
-    assert len(first) >= 1 and first.plan_id.is_unique
-    print(f"killed after {len(first)} row(s)")
-    assert not (out / "summary.json").exists() or len(first) == 4  # killed before the end (unless it was that fast)
+    assert len(first) >= 1
+    print(f"killed after {len(first)} trial(s)")
+    assert not (out / "summary.json").exists() or len(first) == 6  # killed before the end (unless it was that fast)
+    kept = {f: (f.read_bytes(), f.stat().st_mtime_ns) for t in first.itertuples()
+            for f in (Path(t.folder) / "result.json", Path(t.folder) / "outputs.jsonl")}
 
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    rows = pd.read_csv(csv)
-    assert rows.plan_id.is_unique and rows.plan.tolist() == list(range(len(rows))) and 2 <= len(rows) <= 4
-    assert set(first.plan_id) <= set(rows.plan_id)
-    if len(first) < len(rows):
-        assert "resuming:" in r.output and f"{len(first)} of {len(rows)} plans already ran" in r.output
-    kept = rows.set_index("plan_id").loc[first.plan_id]  # the finished rows, as the killed sweep wrote them
-    pd.testing.assert_frame_equal(kept.reset_index()[first.columns], first, check_dtype=False)
-    assert json.loads((out / "summary.json").read_text())["plans"] == len(rows)
+    trials = pd.read_csv(csv)
+    assert len(trials) == 6 and trials.kept_from_before.sum() == len(first)
+    assert all((f.read_bytes(), f.stat().st_mtime_ns) == v for f, v in kept.items())
+    for t in first.itertuples():
+        assert f"kept {t.plan} trial {t.rep}/2" in r.output
+    rows = pd.read_csv(out / "validate.csv")
+    assert len(rows) == 3 and (rows.trials == 2).all()
+    assert json.loads((out / "summary.json").read_text())["plans"] == 3

@@ -22,8 +22,8 @@ from specplan.planner.asking import make_ask
 from specplan.planner.predict import predict
 from specplan.validation.compare import prediction_for, signed_error
 from specplan.validation.demo import comparison_lines
-from specplan.validation.grid import family, grid, summarise
-from specplan.validation.runs import calibration_of, read_prompts
+from specplan.validation.grid import spanning_grid, summarise
+from specplan.validation.runs import calibration_of, plan_id, read_prompts
 from specplan.validation.trials import Trial, median_trial
 from specplan.validation.trials import summarise as summarise_trials
 
@@ -67,33 +67,49 @@ def test_a_higher_measured_acceptance_predicts_more_throughput(speculative_plan)
     assert source.startswith("planner") and high.decode_tok_s > plan.prediction.decode_tok_s > low.decode_tok_s
 
 
-def test_the_grid_keeps_the_best_plan_of_each_family_in_order():
+def test_the_grid_spans_the_plan_space_from_each_budgets_choice():
+    """The planner's choice at each budget first (best predicted first), then greedily the plan adding most
+    uncovered axis values; a plan found at two budgets is taken once; never more than asked."""
     spec, prof = tiny_moe(), cpu_profile()
-    a = hand_plan(spec, prof, num_batches=1, decode_batch=4)
-    b = hand_plan(spec, prof, num_batches=1, decode_batch=2)  # a's family, worse
-    c = hand_plan(spec, prof, num_batches=2, decode_batch=2)
-    d = hand_plan(spec, prof, expert_fetch="layer")
-    assert family(a) == family(b) != family(c)
-    assert grid([a, b, c, d], 10) == [a, c, d]
-    assert grid([a, b, c, d], 2) == [a, c]
+
+    def plan(**kw):
+        p = hand_plan(spec, prof, **kw)
+        return p.model_copy(update={"prediction": predict(p)})
+
+    a, b = plan(num_batches=1, decode_batch=4), plan(num_batches=1, decode_batch=2)
+    c, d = plan(num_batches=2, decode_batch=2), plan(num_batches=1, decode_batch=4, expert_fetch="layer")
+    searched = {1.0: [a, b, c], 0.5: [d, a]}
+    got = spanning_grid(searched, 10)
+    assert [g.chosen for g in got[:2]] == [True, True] and {g.vram_gib for g in got[:2]} == {1.0, 0.5}
+    assert got[0].plan.prediction.e2e_tok_s >= got[1].plan.prediction.e2e_tok_s
+    assert len({plan_id(g.plan) for g in got}) == len(got) == 4
+    assert plan_id(got[2].plan) == plan_id(c)  # two new values (2 batches, batch 2) beat b's one (batch 2)
+    assert len(spanning_grid(searched, 3)) == 3 and len(spanning_grid(searched, 1)) == 1
+
+
+def grid_row(plan: int, vram: float, chosen: bool, pred: float, meas: float, sim: float) -> dict:
+    return {"plan": plan, "vram_gib": vram, "chosen": chosen, "predicted_e2e_tok_s": pred, "measured_e2e_tok_s": meas,
+            "predicted_decode_tok_s": 2 * pred, "measured_decode_tok_s": 2 * meas,
+            "signed_error_predicted_e2e": (pred - meas) / meas, "signed_error_simulated_e2e": (sim - meas) / meas,
+            "signed_error_predicted_decode": (pred - meas) / meas, "signed_error_simulated_decode": (sim - meas) / meas}
 
 
 def test_the_summary_of_a_grid():
-    rows = [{"plan": 0, "chosen": True, "measured_decode_tok_s": 10.0, "predicted_decode_tok_s": 12.0,
-             "signed_error_predicted": 0.2, "signed_error_simulated": -0.1},
-            {"plan": 1, "chosen": False, "measured_decode_tok_s": 15.0, "predicted_decode_tok_s": 11.0,
-             "signed_error_predicted": (11 - 15) / 15, "signed_error_simulated": 0.05},
-            {"plan": 2, "chosen": False, "measured_decode_tok_s": 5.0, "predicted_decode_tok_s": 4.0,
-             "signed_error_predicted": -0.2, "signed_error_simulated": 0.3}]
+    rows = [grid_row(0, 1.0, True, 12.0, 10.0, 9.0), grid_row(1, 1.0, False, 11.0, 15.0, 15.75),
+            grid_row(2, 0.5, True, 4.0, 5.0, 6.5), grid_row(3, 0.5, False, 3.0, 4.0, 4.0)]
     s = summarise(rows)
-    errs = [r["signed_error_predicted"] for r in rows]
-    assert s["plans"] == 3 and s["regret"] == pytest.approx(1.5) and s["best_measured_plan"] == 1
-    assert s["decode_error_predicted"]["median"] == pytest.approx(statistics.median(errs))
-    assert s["decode_error_predicted"]["worst"] == pytest.approx(max(errs, key=abs))
-    assert s["decode_error_simulated"]["worst"] == pytest.approx(0.3)
-    rho = spearmanr([12.0, 11.0, 4.0], [10.0, 15.0, 5.0]).statistic
-    assert s["spearman_predicted_vs_measured"] == pytest.approx(rho)
-    assert summarise(rows[:2])["spearman_predicted_vs_measured"] is None  # two plans: no rank correlation
+    errs = [r["signed_error_predicted_e2e"] for r in rows]
+    assert s["plans"] == 4
+    assert s["regret_e2e_by_budget"]["1"] == {"regret": pytest.approx(1.5), "chosen_plan": 0,
+                                              "best_measured_plan": 1, "plans_at_budget": 2}
+    assert s["regret_e2e_by_budget"]["0.5"]["regret"] == pytest.approx(1.0) and s["regret_e2e_worst"] == 1.5
+    assert s["e2e_error_predicted"]["median"] == pytest.approx(statistics.median(errs))
+    assert s["e2e_error_predicted"]["median_abs"] == pytest.approx(statistics.median(abs(e) for e in errs))
+    assert s["e2e_error_predicted"]["worst"] == pytest.approx(max(errs, key=abs))
+    assert s["e2e_error_simulated"]["worst"] == pytest.approx(0.3)
+    rho = spearmanr([12.0, 11.0, 4.0, 3.0], [10.0, 15.0, 5.0, 4.0]).statistic
+    assert s["spearman_predicted_vs_measured_e2e"] == pytest.approx(rho)
+    assert summarise(rows[:2])["spearman_predicted_vs_measured_e2e"] is None  # two plans: no rank correlation
 
 
 def test_a_runs_measured_acceptance_becomes_a_calibration_file(speculative_plan, tmp_path):

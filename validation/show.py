@@ -85,26 +85,33 @@ def show_run(plan, r: dict) -> None:
 
 
 def show_grid(rows: list[dict], s: dict) -> None:
-    """The validate grid's table (``grid.row``) and its summary (``grid.summarise``)."""
+    """The validate grid's table (``grid.row``: medians of each plan's trials) and its summary (``grid.summarise``)."""
     from rich.table import Table
 
     from specplan.fmt import console
 
-    t = Table(title="decode-only throughput: predicted, simulated, measured (tok/s)")
-    for col in ("plan", "draft", "batches", "fetch", "predicted", "simulated", "measured", "pred err", "sim err"):
-        t.add_column(col, justify="left" if col in ("draft", "fetch") else "right")
+    t = Table(title="end-to-end throughput (tok/s): predicted, simulated, measured (median, min..max of the trials)")
+    for col in ("plan", "GiB", "resident", "draft", "batches", "attn", "fetch", "predicted", "simulated", "measured",
+                "pred err", "sim err", "decode pred err"):
+        t.add_column(col, justify="left" if col in ("draft", "fetch", "attn") else "right")
     for r in rows:
-        t.add_row(f"{r['plan']}{' (chosen)' if r['chosen'] else ''}",
-                  f"{r['draft']}" + (f" g={r['draft_len']}" if r["draft_len"] else ""),
-                  f"{r['num_batches']}x{r['decode_batch']}", r["expert_fetch"], f"{r['predicted_decode_tok_s']:.2f}",
-                  f"{r['simulated_decode_tok_s']:.2f}", f"{r['measured_decode_tok_s']:.2f}",
-                  f"{r['signed_error_predicted']:+.1%}", f"{r['signed_error_simulated']:+.1%}")
+        t.add_row(f"{r['plan']}{' (chosen)' if r['chosen'] else ''}", f"{r['vram_gib']:g}",
+                  f"{r['resident_fraction']:.0%}", f"{r['draft']}" + (f" g={r['draft_len']}" if r["draft_len"] else ""),
+                  f"{r['num_batches']}x{r['decode_batch']}", r["attention_on"], r["expert_fetch"],
+                  f"{r['predicted_e2e_tok_s']:.2f}", f"{r['simulated_e2e_tok_s']:.2f}",
+                  f"{r['measured_e2e_tok_s']:.2f} ({r['measured_e2e_min_tok_s']:.2f}..{r['measured_e2e_max_tok_s']:.2f})",
+                  f"{r['signed_error_predicted_e2e']:+.1%}", f"{r['signed_error_simulated_e2e']:+.1%}",
+                  f"{r['signed_error_predicted_decode']:+.1%}")
     con = console()
     con.print(t)
-    p, m = s["decode_error_predicted"], s["decode_error_simulated"]
-    rho = s["spearman_predicted_vs_measured"]
-    con.print(f"signed error of the prediction: median {p['median']:+.1%} (median |error| {p['median_abs']:.1%}), "
-              f"worst {p['worst']:+.1%}; of the simulation: median {m['median']:+.1%}, worst {m['worst']:+.1%}")
-    con.print(f"rank correlation of predicted and measured (Spearman): "
-              f"{'-' if rho is None else f'{rho:.2f}'}; regret of the planner's choice (best measured / chosen "
-              f"measured): {s['regret']:.2f} (the fastest measured: plan {s['best_measured_plan']})")
+    for what, label in (("e2e", "end-to-end"), ("decode", "decode-only")):
+        p, m = s[f"{what}_error_predicted"], s[f"{what}_error_simulated"]
+        rho = s[f"spearman_predicted_vs_measured_{what}"]
+        con.print(f"{label}: signed error of the prediction median {p['median']:+.1%} (median |error| "
+                  f"{p['median_abs']:.1%}), worst {p['worst']:+.1%}; of the simulation median {m['median']:+.1%}, "
+                  f"worst {m['worst']:+.1%}; rank correlation of predicted and measured (Spearman) "
+                  f"{'-' if rho is None else f'{rho:.2f}'}")
+    for budget, g in s["regret_e2e_by_budget"].items():
+        con.print(f"at {budget} GiB: regret of the planner's choice (best measured / chosen measured, end-to-end) "
+                  f"{g['regret']:.2f} (chose plan {g['chosen_plan']}, the fastest measured: plan "
+                  f"{g['best_measured_plan']}, of {g['plans_at_budget']} plans there)")

@@ -20,10 +20,13 @@ from pathlib import Path
 
 from specplan.engine.measure.timing import CpuUsage
 from specplan.errors import SpecplanError
+from specplan.jsonio import write_json
 from specplan.validation.runs import find_finished
 
 #: share of the CPUs other processes may take during a trial before it is void
 VOID_OTHERS = 0.15
+#: what the comparison adds to a trial's folder: how contended the machine was while it ran
+TRIAL_FILE = "trial.json"
 #: the throughputs summarised per contender
 FIGURES = ("decode_tok_s", "e2e_tok_s")
 
@@ -75,16 +78,20 @@ def run_fresh(plan_file: Path, prompts_file: Path, num_prompts: int | None, fold
 
 def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int | None, reps: int = 3,
                gen_len: int | None = None, resume: bool = True, attempts: int = 3,
-               say: Callable[[str], None] = print) -> list[Trial]:
-    """Every contender ``reps`` times, interleaved, each trial in a fresh process (see the module's docstring)."""
+               say: Callable[[str], None] = print,
+               on_trial: Callable[[list[Trial]], None] | None = None) -> list[Trial]:
+    """Every contender ``reps`` times, interleaved, each trial in a fresh process (see the module's docstring);
+    ``on_trial`` gets the trials so far after each one (to write them)."""
     trials = []
     for rep in range(1, reps + 1):
         for c in contenders:
             folder = rep_folder(c.folder, rep)
             kept = find_finished(c.plan_file, prompts_file, num_prompts, gen_len, folder) if resume else None
             if kept is not None:
-                trials.append(Trial(c.name, rep, folder, kept, None, reused=True))
+                trials.append(Trial(c.name, rep, folder, kept, kept_others(folder), reused=True))
                 say(f"kept {c.name} trial {rep}/{reps} ({folder}): {trial_line(kept)}")
+                if on_trial is not None:
+                    on_trial(trials)
                 continue
             for attempt in range(1, attempts + 1):
                 report, others = run_fresh(c.plan_file, prompts_file, num_prompts, folder, gen_len)
@@ -94,9 +101,22 @@ def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int
                 say(f"  void: other processes took {others:.0%} of the CPUs during {c.name} trial {rep}"
                     + ("; again" if attempt < attempts else f"; kept after {attempts} tries, marked contended"))
             trials.append(trial)
+            write_json(folder / TRIAL_FILE, {"others_cpu_fraction": others, "contended": trial.contended,
+                                             "attempts": attempt})
             say(f"{c.name} trial {rep}/{reps} (fresh process): {trial_line(report)}"
                 + (f"; others took {others:.0%} of the CPUs" if others is not None else ""))
+            if on_trial is not None:
+                on_trial(trials)
     return trials
+
+
+def kept_others(folder: Path) -> float | None:
+    """The share of the CPUs others took during a trial that finished before (None if it was not recorded)."""
+    try:
+        value = json.loads((folder / TRIAL_FILE).read_text()).get("others_cpu_fraction")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, (int, float)) else None
 
 
 def trial_line(report: dict) -> str:

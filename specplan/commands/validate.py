@@ -10,10 +10,15 @@ from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS
 
 from specplan.commands._params import GIB
 
+MAX_PLANS = 40
+MAX_REPS = 20
+
 
 @click.command("validate")
 @click.option("--model", required=True, metavar="DIR", help="HF model folder with the weights to validate on.")
-@click.option("--vram", type=GIB, required=True, help="Device (without a GPU: resident-weight) budget in GiB.")
+@click.option("--vram", "vrams", type=GIB, required=True, multiple=True,
+              help="Device (without a GPU: resident-weight) budget in GiB; repeat it to span resident fractions "
+                   "(the search runs at each, the grid takes plans from all).")
 @click.option("--profile", "profile_arg", default=None, metavar="NAME|FILE",
               help="Hardware profile [default: this machine's newest measured profile].")
 @click.option("--draft", "drafts", multiple=True, metavar="D",
@@ -24,21 +29,23 @@ from specplan.commands._params import GIB
               help="Measured acceptance (a calibration.json of specplan run), measured on other prompts.")
 @click.option("--prompts", "prompts_file", metavar="FILE", default=None,
               help="Prompts, one per line or JSONL [default: the bundled English prompts].")
-@click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=8, show_default=True, help="Prompts per run.")
+@click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=16, show_default=True, help="Prompts per run (the largest decode batch the grid can hold).")
 @click.option("--gen-len", type=click.IntRange(min=2, max=MAX_TOKENS), default=16, show_default=True, help="New tokens per prompt.")
-@click.option("--plans", "max_plans", type=click.IntRange(min=2, max=20), default=6, show_default=True,
-              help="Plans in the grid.")
+@click.option("--plans", "max_plans", type=click.IntRange(min=2, max=MAX_PLANS), default=12, show_default=True,
+              help="Plans in the grid: the planner's choice at each budget, then the plans that span the plan space.")
+@click.option("--reps", type=click.IntRange(min=1, max=MAX_REPS), default=3, show_default=True,
+              help="Trials of each plan, each in its own fresh process, the plans interleaved; rows are medians.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/validate", show_default=True,
               help="Folder for validate.csv and each plan's files.")
-def command(model: str, vram: float, profile_arg: str | None, drafts: tuple[str, ...], acceptance: float | None,
-            calibration: str | None, prompts_file: str | None, num_prompts: int, gen_len: int, max_plans: int,
-            out_dir: str) -> None:
+def command(model: str, vrams: tuple[float, ...], profile_arg: str | None, drafts: tuple[str, ...],
+            acceptance: float | None, calibration: str | None, prompts_file: str | None, num_prompts: int,
+            gen_len: int, max_plans: int, reps: int, out_dir: str) -> None:
     """Run a grid of the search's plans on this machine and report how right the planner is: signed errors of the
     prediction and the simulation, rank correlation, and the regret of the planner's choice."""
     from specplan.validation.grid import run_grid
     from specplan.validation.show import show_grid
 
-    r = run_grid(model, vram, profile_arg, drafts, acceptance, calibration, prompts_file, num_prompts, gen_len,
-                 max_plans, out_dir, say=click.echo)
+    r = run_grid(model, vrams, profile_arg, drafts, acceptance, calibration, prompts_file, num_prompts, gen_len,
+                 max_plans, out_dir, reps, say=click.echo)
     show_grid(r.rows, r.summary)
-    click.echo(f"wrote {r.written[0]} and {r.written[1]}")
+    click.echo("wrote " + ", ".join(str(p) for p in r.written))
