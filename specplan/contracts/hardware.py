@@ -257,6 +257,11 @@ class Provenance(Strict):
             return None
         return ((now or dt.datetime.now(dt.timezone.utc)) - created).total_seconds()
 
+    def stale(self, now: dt.datetime | None = None) -> bool:
+        """A measured profile older than ``STALE_PROFILE_S``."""
+        age = self.age_s(now)
+        return self.kind == "measured" and age is not None and age > STALE_PROFILE_S
+
     def cleanliness(self) -> str:
         """How clean the measurement was, in words."""
         if self.kind != "measured":
@@ -275,8 +280,8 @@ class Provenance(Strict):
         if self.contended:
             out.append(f"the profile was measured while other processes used {self.others_cpu_fraction:.0%} of the "
                        f"CPUs (contended): its figures may be low; re-measure on an idle machine (specplan profile)")
-        age = self.age_s(now)
-        if age is not None and age > STALE_PROFILE_S:
+        if self.stale(now):
+            age = self.age_s(now) or 0.0
             out.append(f"the profile is {age / 86400:.1f} days old (stale after {STALE_PROFILE_S / 86400:.0f}): "
                        f"the machine may have changed; re-measure it (specplan profile)")
         return out
