@@ -10,7 +10,8 @@ is left out):
 - ``device_compute`` / ``host_compute``: matmul FLOP/s per shape class (the profile's matmul curve the op's weight
   size maps to: ``ComputeUnit.matmul_curve``), against the curve's rate at the op's rows; decode attention KV bytes
   per second against ``decode_attention_Bps``. Ops that the profile times at under ``MIN_OP_OVERHEADS`` per-op
-  overheads are left out (their time is fixed cost, not rate);
+  overheads are left out (their time is fixed cost, not rate). On a GPU the engine does not synchronise per op,
+  so a span times the kernels' launch, not the kernels: the GPU's compute figures are not derived;
 - ``overheads``: per layer, the compute thread's gaps inside a forward pass (between its spans, no transfer
   running: a wait on a transfer is not overhead) over the layers the pass ran; per pass, the gaps between passes
   inside the decode phases (no compute and no transfer running) over the passes.
@@ -123,6 +124,8 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
             continue
         resource = physical_resource(e.resource, prof)
         unit = compute_unit(resource, prof)
+        if unit.kind == "cuda":  # a span times the kernels' launch, not the kernels: no rate in it
+            continue
         if e.name.endswith("attention"):
             if e.bytes and unit.decode_attention_Bps is not None:
                 add(resource, "decode_attention_Bps", "Bps", e.bytes, e, e.bytes / unit.decode_attention_Bps.at(e.bytes))
