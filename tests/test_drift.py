@@ -162,3 +162,15 @@ def test_specplan_run_writes_and_prints_the_drift_report(tiny_model, tmp_path):
     assert "disk_read" in {row["resource"] for row in d["figures"]}  # the tiny model's matmuls are fixed cost
     assert sorted(d["drifted"]) == sorted(row["figure"] for row in d["figures"] if row["drifted"])
     assert sum(line.startswith("drift:") for line in r.output.splitlines()) == len(d["drifted"])
+
+
+def test_an_op_is_rated_on_the_curve_the_cost_model_times_it_on():
+    """The MLP's weights (3 x 256 x 1024) are nearest in size to a 1024 x 1024 curve, but the cost model times the
+    MLP on its (256, 1024) shape: the event counts there."""
+    base = cpu_profile()
+    small = base.device.matmul[0].model_copy(update={"k": 256, "n": 1024})
+    big = base.device.matmul[0].model_copy(update={"k": 1024, "n": 1024})
+    unit = base.device.model_copy(update={"matmul": [small, big]})
+    plan = disk_plan(base.model_copy(update={"device": unit, "host": unit}))
+    names = {f.figure for f in observed_figures(plan, timeline(plan), "float32") if f.resource == "device_compute"}
+    assert names == {"matmul float32 256x1024"}

@@ -7,8 +7,9 @@ is left out):
 
 - ``disk_read`` (and ``h2d`` on a GPU machine): bytes over the union of the link's busy time while streaming,
   against ``Link.time_s`` of each read on the link the cost model times reads on;
-- ``device_compute`` / ``host_compute``: matmul FLOP/s per shape class (the profile's matmul curve the op's weight
-  size maps to: ``ComputeUnit.matmul_curve``), against the curve's rate at the op's rows; decode attention KV bytes
+- ``device_compute`` / ``host_compute``: matmul FLOP/s per shape class (the profile's matmul curve the cost model
+  times the op on: ``ComputeUnit.matmul_curve`` of the planner's op of the same name), against the curve's rate at
+  the op's rows; decode attention KV bytes
   per second against ``decode_attention_Bps``. Ops that the profile times at under ``MIN_OP_OVERHEADS`` per-op
   overheads are left out (their time is fixed cost, not rate). On a GPU the engine does not synchronise per op,
   so a span times the kernels' launch, not the kernels: the GPU's compute figures are not derived;
@@ -34,6 +35,8 @@ from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Event, Timeline, merged_busy_s
 from specplan.engine.execute.results import decode_windows
 from specplan.planner.cost import compute_dtype, compute_unit, physical_resource
+from specplan.planner.predict import mean_decode_context
+from specplan.planner.program import decode_round
 from specplan.validation.compare import AT_ACCEPTANCE, prediction_for, signed_error
 
 #: a figure drifted when the run's differs from the profile's by more than this fraction, either way
@@ -108,6 +111,7 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
     prof = plan.profile
     item = dtype_bytes(dtype)
     windows = decode_windows(timeline)
+    shapes = matmul_shapes(plan)
     figs: dict[tuple[str, str], Figure] = {}
 
     def add(resource: str, figure: str, unit: str, work: float, e: Event, profile_s: float) -> None:
@@ -130,11 +134,24 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
             if e.bytes and unit.decode_attention_Bps is not None:
                 add(resource, "decode_attention_Bps", "Bps", e.bytes, e, e.bytes / unit.decode_attention_Bps.at(e.bytes))
         elif e.flops > 0 and e.bytes > 0:
-            params = e.bytes / item  # the weights the op multiplies by (its bytes are theirs)
-            curve = unit.matmul_curve(compute_dtype(unit, plan.policy.weight_dtype), max(1, round(params)), 1)
+            params = e.bytes / item  # the weights the op multiplies by (its bytes are theirs): rows = flops / 2 / params
+            k, n, op_dtype = shapes.get("draft" if e.name.startswith("draft.") else e.name,
+                                        (max(1, round(params)), 1, plan.policy.weight_dtype))
+            curve = unit.matmul_curve(compute_dtype(unit, op_dtype), k, n)
             rate = curve.flops.at(max(1.0, e.flops / (2 * params)))
             add(resource, f"matmul {curve.dtype} {curve.k}x{curve.n}", "flop_per_s", e.flops, e, e.flops / rate)
     return list(figs.values())
+
+
+def matmul_shapes(plan: Plan) -> dict[str, tuple[int, int, str | None]]:
+    """The weight shape ``(k, n)`` and dtype the cost model gives each matmul of a decode round, by the op's name
+    (``L3.attn_proj``, ``L3.E5``, ``lm_head``: the engine names its spans alike; ``draft``: the draft's folded
+    matmuls), so an event is rated on the curve the cost model times its op on."""
+    out: dict[str, tuple[int, int, str | None]] = {}
+    for op in decode_round(plan, mean_decode_context(plan)).ops:
+        if op.kind == "matmul" and op.shape is not None:
+            out["draft" if op.group == "draft" else op.name] = (op.shape[1], op.shape[2], op.dtype)
+    return out
 
 
 def _inside(e: Event, windows: list[tuple[float, float]]) -> bool:
