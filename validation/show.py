@@ -102,7 +102,7 @@ def drift_lines(d: dict) -> list[str]:
             "overheads": "fixed overhead"}
     lines = [f"warning: {w}" for w in d["profile_warnings"]]
     rows = [row for row in d["figures"] if row["drifted"]]
-    lines += [f"drift: {what.get(row['resource'], row['resource'])} {row['figure']}: the run achieved {value(row)} "
+    lines += [f"drift: {what.get(row['resource'], row['resource'])} {row['figure']}: the run measured {value(row)} "
               f"({row['ratio']:.2f}x, over {row['events']} events)" for row in rows]
     if not rows:
         lines.append(f"no drift: the {len(d['figures'])} figures the run measured are within "
