@@ -102,6 +102,7 @@ def test_a_run_slowed_on_the_disk_is_disk_drift_and_the_recomputed_prediction_is
     assert at_profile["decode_tok_s"] > 0.2  # the profile over-predicts the slowed run
     assert abs(at_observed["decode_tok_s"]) < 1e-9 and abs(at_observed["e2e_tok_s"]) < 1e-9
     json.dumps(d)  # result.json stores it as it is
+    assert any("days old" in w for w in d["profile_warnings"])  # the fixture's profile was measured 2026-01-01
     lines = drift_lines(d)
     assert any(line.startswith("drift: disk read disk_read_direct") and "0.50x" in line for line in lines)
     assert sum(line.startswith("drift:") for line in lines) == 1
@@ -174,3 +175,12 @@ def test_an_op_is_rated_on_the_curve_the_cost_model_times_it_on():
     plan = disk_plan(base.model_copy(update={"device": unit, "host": unit}))
     names = {f.figure for f in observed_figures(plan, timeline(plan), "float32") if f.resource == "device_compute"}
     assert names == {"matmul float32 256x1024"}
+
+
+def test_a_run_without_a_decode_phase_measures_nothing_and_says_so():
+    plan = disk_plan()
+    tl = timeline(plan)
+    tl = tl.model_copy(update={"meta": {**tl.meta, "phases": []}})
+    d = report_of(plan, tl, plan)
+    assert d["figures"] == [] and d["drifted"] == []
+    assert any(line.startswith("drift: not measured") for line in drift_lines(d))

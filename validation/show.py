@@ -104,7 +104,9 @@ def drift_lines(d: dict) -> list[str]:
     rows = [row for row in d["figures"] if row["drifted"]]
     lines += [f"drift: {what.get(row['resource'], row['resource'])} {row['figure']}: the run measured {value(row)} "
               f"({row['ratio']:.2f}x, over {row['events']} events)" for row in rows]
-    if not rows:
+    if not d["figures"]:
+        lines.append("drift: not measured (no timed work in a decode phase to measure the profile's figures on)")
+    elif not rows:
         lines.append(f"no drift: the {len(d['figures'])} figures the run measured are within "
                      f"{d['threshold']:.0%} of the profile's")
     p, o = d["predicted_at_profile"], d["predicted_at_observed_rates"]
