@@ -35,9 +35,10 @@ def disk_plan(profile: HardwareProfile | None = None) -> Plan:
     return hand_plan(tiny_dense(layers=4), profile or cpu_profile(), mlp="disk")
 
 
-def slowed(profile: HardwareProfile, disk: float = 1.0, compute: float = 1.0) -> HardwareProfile:
-    """The machine ``disk`` / ``compute`` times slower than ``profile`` on those resources."""
-    links = {n: link.scaled(1 / disk) if n.startswith("disk_read") else link for n, link in profile.links.items()}
+def slowed(profile: HardwareProfile, disk: float = 1.0, compute: float = 1.0, h2d: float = 1.0) -> HardwareProfile:
+    """The machine ``disk`` / ``compute`` / ``h2d`` times slower than ``profile`` on those resources."""
+    links = {n: link.scaled(1 / disk) if n.startswith("disk_read") else link.scaled(1 / h2d) if n.startswith("h2d")
+             else link for n, link in profile.links.items()}
     unit = profile.device.model_copy(update={"matmul": [c.model_copy(update={"flops": c.flops.scaled(1 / compute)})
                                                         for c in profile.device.matmul]})
     return profile.model_copy(update={"links": links, "device": unit, "host": unit})
@@ -46,8 +47,9 @@ def slowed(profile: HardwareProfile, disk: float = 1.0, compute: float = 1.0) ->
 def timeline(plan: Plan, disk: float = 1.0, compute: float = 1.0, layer_gap_s: float = 0.0,
              passes: int = 6) -> Timeline:
     """Decode passes of ``plan``'s model, one after another: per layer an optional gap (Python, nothing else
-    running), the attention projections, the MLP's disk read (compute waits), the MLP; each op takes the time the
-    profile gives it, the disk ``disk`` times and matmuls ``compute`` times longer."""
+    running), the attention projections, the MLP's fetch (a disk read, or on a GPU machine a host->device copy;
+    compute waits), the MLP; each op takes the time the profile gives it, the fetch ``disk`` times and matmuls
+    ``compute`` times longer."""
     prof, spec = plan.profile, plan.model.spec
     dtype = compute_dtype(prof.device, plan.policy.weight_dtype)
     rows = plan.policy.decode_batch
@@ -71,7 +73,10 @@ def timeline(plan: Plan, disk: float = 1.0, compute: float = 1.0, layer_gap_s: f
             t += layer_gap_s
             matmul(f"L{i}.attn_proj", i, spec.tensors.matmul_params("attention", i))
             mlp = spec.tensors.matmul_params("mlp", i)
-            span(f"L{i}.mlp", "disk_read", disk * prof.disk_read_time_s(mlp * F32), i, mlp * F32)
+            if prof.has_host_tier:
+                span(f"L{i}.mlp", "h2d", disk * prof.h2d_time_s(mlp * F32), i, mlp * F32)
+            else:
+                span(f"L{i}.mlp", "disk_read", disk * prof.disk_read_time_s(mlp * F32), i, mlp * F32)
             matmul(f"L{i}.mlp", i, mlp)
         matmul("lm_head", None, spec.tensors.head.params)
     wl = plan.workload
@@ -184,3 +189,17 @@ def test_a_run_without_a_decode_phase_measures_nothing_and_says_so():
     d = report_of(plan, tl, plan)
     assert d["figures"] == [] and d["drifted"] == []
     assert any(line.startswith("drift: not measured") for line in drift_lines(d))
+
+
+def test_on_a_gpu_machine_a_slow_copy_is_h2d_drift_and_compute_spans_give_no_rate():
+    from specplan.catalog import load_profile
+
+    gpu = load_profile("rtx4090-pcie4")
+    plan = hand_plan(tiny_dense(layers=4), gpu, mlp="host")
+    truth = plan.model_copy(update={"profile": slowed(gpu, h2d=3.0)})
+    d = report_of(plan, timeline(plan, disk=3.0), truth)
+    assert d["drifted"] == [gpu.h2d_link_name()]
+    assert {r["resource"] for r in d["figures"]} == {"h2d"}  # CUDA spans time launches: no compute figure
+    assert d["signed_error_at_profile"]["decode_tok_s"] > 0.2
+    assert abs(d["signed_error_at_observed_rates"]["decode_tok_s"]) < 1e-9
+    assert d["profile_warnings"] == []  # a published profile is neither stale nor contended
