@@ -279,7 +279,7 @@ def test_cli_failure_leaves_the_old_file(tiny_cli, tmp_path, monkeypatch):
     out = tmp_path / "mine.json"
     out.write_text("old")
 
-    def broken(config, on_tick=None):
+    def broken(config, on_tick=None, probe=None):
         raise SpecplanError("simulated failure in the middle of measuring")
 
     monkeypatch.setattr("specplan.engine.measure.profiler.measure_profile", broken)
@@ -288,7 +288,16 @@ def test_cli_failure_leaves_the_old_file(tiny_cli, tmp_path, monkeypatch):
     assert out.read_text() == "old"
 
 
-def test_cli_default_output_is_found_by_the_planner(tiny_cli):
+class _Idle:
+    """The contention probe of an idle machine (this one is shared: a real probe would make the profile contended,
+    which is not stored as this machine's: tests/test_profile_clean.py)."""
+
+    def others_fraction(self) -> float:
+        return 0.0
+
+
+def test_cli_default_output_is_found_by_the_planner(tiny_cli, monkeypatch):
+    monkeypatch.setattr("specplan.engine.measure.profiler.CpuUsage", _Idle)
     r = run("profile", "--quick")
     assert r.exit_code == 0, r.output
     files = list(user_profiles_dir().glob("*.json"))
@@ -324,7 +333,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
 
 
 def test_unwritable_output_fails_before_measuring(tmp_path, monkeypatch):
-    def never(config, on_tick=None):
+    def never(config, on_tick=None, probe=None):
         raise AssertionError("measured although the output cannot be written")
 
     monkeypatch.setattr("specplan.engine.measure.profiler.measure_profile", never)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from specplan.contracts.plan import Sampling
 from specplan.contracts.plan import Plan
+from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_atomic, write_json
 from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, RunReport, encode_prompts, read_prompts, run_plan_file
 from specplan.validation.show import show_run, show_written
@@ -52,7 +53,9 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     say("[bold]2/6 hardware profile[/bold]")
     if profile_arg is None and not measured_profiles():
         say("no measured profile of this machine yet: measuring one (specplan profile --quick)")
-        subprocess.run([sys.executable, "-m", "specplan", "profile", "--quick"], check=True)
+        if subprocess.run([sys.executable, "-m", "specplan", "profile", "--quick"]).returncode != 0:
+            raise SpecplanError("the demo needs this machine's profile and `specplan profile --quick` did not store "
+                                "one (its message is above); rerun on an idle machine, or pass --profile")
     prof = profile_arg or str(measured_profiles()[0])
     say(f"profile {prof}")
 

@@ -221,6 +221,7 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
 
     from specplan.engine.execute.runtime import run_plan
     from specplan.validation.compare import comparison
+    from specplan.validation.drift import drift_report
 
     tok = ckpt.tokenizer()
     prompts = encode_prompts(tok, texts, raw)
@@ -245,6 +246,7 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
     stopped = [stopped_at_eos(s, eos, stop_at_eos) for s in result.seqs]
     report["workload"]["generated_tokens_mean"] = report["measured"]["generated_tokens"] / len(result.seqs)
     report["stopped_at_eos"] = sum(stopped)
+    report["drift"] = drift_report(plan, result, report)
     return RunReport(plan, report, write_run(out, plan, result, report, texts, tok, stopped))
 
 

@@ -82,6 +82,58 @@ def show_run(plan, r: dict) -> None:
     out.print(f"process peak RSS {human_bytes(res['peak_rss_bytes'])}, {verdict} the plan's RAM bytes "
               f"{human_bytes(res['plan_ram_bytes'])} + process headroom {human_bytes(res['headroom_process_bytes'])} "
               f"= {human_bytes(res['limit_bytes'])} (headroom: {res['headroom_source']})")
+    if "drift" in r:
+        show_drift(r["drift"])
+
+
+def drift_lines(d: dict) -> list[str]:
+    """What ``specplan run`` says of a run's drift (``drift.drift_report``): one line per profile warning and per
+    drifted figure, then the prediction at the observed rates next to the one at the profile."""
+    from specplan.fmt import human_rate, human_seconds
+
+    def value(row: dict) -> str:
+        for unit, show in (("Bps", lambda v: human_rate(v, "B/s")), ("flop_per_s", lambda v: human_rate(v, "FLOP/s")),
+                           ("s", human_seconds)):
+            if f"observed_{unit}" in row:
+                return f"{show(row[f'observed_{unit}'])}, the profile says {show(row[f'profile_{unit}'])}"
+        raise KeyError(row["figure"])
+
+    what = {"disk_read": "disk read", "h2d": "host->device copy", "device_compute": "device", "host_compute": "host",
+            "overheads": "fixed overhead"}
+    lines = [f"warning: {w}" for w in d["profile_warnings"]]
+    rows = [row for row in d["figures"] if row["drifted"]]
+    lines += [f"drift: {what.get(row['resource'], row['resource'])} {row['figure']}: the run measured {value(row)} "
+              f"({row['ratio']:.2f}x, over {row['events']} events)" for row in rows]
+    if not d["figures"]:
+        lines.append("drift: not measured (no timed work in a decode phase to measure the profile's figures on)")
+    elif not rows:
+        lines.append(f"no drift: the {len(d['figures'])} figures the run measured are within "
+                     f"{d['threshold']:.0%} of the profile's")
+    p, o = d["predicted_at_profile"], d["predicted_at_observed_rates"]
+    ep, eo = d["signed_error_at_profile"], d["signed_error_at_observed_rates"]
+
+    def err(e) -> str:
+        return "-" if e is None else f"{e:+.1%}"
+
+    lines.append(f"predicted decode-only throughput at the observed rates {o['decode_tok_s']:.2f} tok/s "
+                 f"({err(eo['decode_tok_s'])}), at the profile {p['decode_tok_s']:.2f} ({err(ep['decode_tok_s'])}); "
+                 f"end to end {o['e2e_tok_s']:.2f} ({err(eo['e2e_tok_s'])}) and {p['e2e_tok_s']:.2f} "
+                 f"({err(ep['e2e_tok_s'])})")
+    both = d.get("predicted_at_observed_rates_and_measured_acceptance")
+    if both is not None:
+        e = d["signed_error_at_observed_rates_and_measured_acceptance"]
+        lines.append(f"at the observed rates and the measured acceptance: {both['decode_tok_s']:.2f} tok/s "
+                     f"decode-only ({err(e['decode_tok_s'])}), {both['e2e_tok_s']:.2f} end to end "
+                     f"({err(e['e2e_tok_s'])})")
+    return lines
+
+
+def show_drift(d: dict) -> None:
+    from specplan.fmt import console
+
+    con = console()
+    for line in drift_lines(d):
+        con.print(line, highlight=False, markup=False)
 
 
 def show_grid(rows: list[dict], s: dict) -> None:

@@ -192,24 +192,34 @@ def prepare(config: ProfileConfig) -> ProfileConfig:
     return c
 
 
-def measure_profile(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None) -> HardwareProfile:
-    """Measure this machine. ``on_tick(label, done, total)`` is called after each step (for a progress bar)."""
+#: measurements ``measure_this_machine`` makes in all while each comes out contended, before it gives up.
+MEASURE_ATTEMPTS = 3
+
+
+def measure_profile(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None,
+                    probe: Callable[[], CpuUsage] | None = None) -> HardwareProfile:
+    """Measure this machine. ``on_tick(label, done, total)`` is called after each step (for a progress bar). The
+    share of the CPUs other processes used meanwhile, as ``probe()`` (default ``CpuUsage``) reports it, goes into the
+    provenance (``others_cpu_fraction``: above ``CONTENDED_CPU_FRACTION`` the profile is contended)."""
     import torch
 
     c = prepare(config)
+    usage = (probe or CpuUsage)()
     before = torch.get_num_threads()
     if c.threads:
         torch.set_num_threads(c.threads)
     try:
-        return _measure(c, on_tick)
+        profile = _measure(c, on_tick)
     finally:
         torch.set_num_threads(before)
+    provenance = Provenance.model_validate({**profile.provenance.model_dump(),
+                                            "others_cpu_fraction": usage.others_fraction()})
+    return profile.model_copy(update={"provenance": provenance})
 
 
 def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) -> HardwareProfile:
     import torch
 
-    usage = CpuUsage()
     now = dt.datetime.now(dt.timezone.utc)
     cuda = c.device == "cuda"
     notes = [f"preset {c.preset}: medians of {c.reps}+ samples, each >= {c.min_sample_s * 1e3:.0f} ms of calls",
@@ -256,9 +266,6 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
                  "Link.time_s(size) gives the measured median time at each measured size; disk_read_direct."
                  f"sustained_Bps = {c.disk_stream_s:g} s of back-to-back reads of the largest size (after its first "
                  "third), a floor under the time of every transfer of a stream")
-    others = usage.others_fraction()
-    if others is not None:
-        notes.append(f"other processes used {others:.0%} of the CPUs during the measurement")
 
     hostname = socket.gethostname()
     name = c.name or f"{hostname}-{now.strftime('%Y%m%dT%H%M%SZ')}"
@@ -279,10 +286,10 @@ def command_line() -> str:
 
 @dataclass(frozen=True)
 class Measured:
-    profile: HardwareProfile
-    seconds: float  # wall time of the measurement
+    profile: HardwareProfile  # its provenance says how clean it is (``others_cpu_fraction``, ``contended``)
+    seconds: float  # wall time of the measurements, all attempts
     preset: str
-    others_cpu_fraction: float | None  # CPU share other processes used meanwhile (None: unknown)
+    attempts: int  # measurements made: more than one when the earlier ones were contended
 
 
 def configure(quick: bool, device: str | None = None, offload_dir: Path | None = None) -> ProfileConfig:
@@ -293,9 +300,15 @@ def configure(quick: bool, device: str | None = None, offload_dir: Path | None =
     return prepare(make(device=dev, offload_dir=offload_dir, command=command_line()))
 
 
-def measure_this_machine(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None) -> Measured:
-    """Measure this machine as ``config`` says, and how busy other processes kept its CPUs meanwhile."""
+def measure_this_machine(config: ProfileConfig, on_tick: Callable[[str, int, int], None] | None = None,
+                         probe: Callable[[], CpuUsage] | None = None, attempts: int = MEASURE_ATTEMPTS) -> Measured:
+    """Measure this machine as ``config`` says; a contended measurement (other processes took more than
+    ``CONTENDED_CPU_FRACTION`` of the CPUs meanwhile, as ``probe`` reports) is made again, up to ``attempts`` in
+    all. The last one is returned, contended or not: whoever stores it decides (``specplan profile`` refuses to keep
+    a contended profile as this machine's)."""
     t0 = time.perf_counter()
-    usage = CpuUsage()
-    profile = measure_profile(config, on_tick)
-    return Measured(profile, time.perf_counter() - t0, config.preset, usage.others_fraction())
+    for attempt in range(1, attempts + 1):
+        profile = measure_profile(config, on_tick, probe)
+        if not profile.provenance.contended:
+            break
+    return Measured(profile, time.perf_counter() - t0, config.preset, attempt)

@@ -10,14 +10,13 @@ from specplan.errors import SpecplanError
 
 #: transfer sizes the table shows for every link (measured or published).
 SHOW_SIZES = (64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20)
-#: share of the CPUs other processes may use while measuring before the command warns.
-BUSY_WARNING = 0.10
 
 
 @click.command("profile")
 @click.option("-o", "--output", metavar="FILE", default=None,
               help="Write the profile here [default: $SPECPLAN_HOME/profiles/<host>-<UTC time>.json, which the planner "
-                   "uses when --profile is not given].")
+                   "uses when --profile is not given]. A contended measurement (other processes took more than 10% "
+                   "of the CPUs in every attempt) is written only here, marked in its provenance.")
 @click.option("--quick", is_flag=True, help="Fewer sizes, shapes and samples: about a minute instead of a few.")
 @click.option("--offload-dir", metavar="DIR", default=None,
               help="Folder of the disk test: the one the engine offloads weights to [default: $SPECPLAN_HOME/offload].")
@@ -34,6 +33,8 @@ def command(output: str | None, quick: bool, offload_dir: str | None, device: st
 
     Disk figures come from reading a real-data file in the offload folder with O_DIRECT (and buffered), matmul and
     attention from the torch calls the engine makes. Without a GPU the CPU is both device and host (shared memory).
+    A measurement during which other processes used more than 10% of the CPUs is made again (3 attempts in all);
+    still contended, it is refused as this machine's profile (-o FILE keeps it, marked contended).
     """
     if show is not None:
         given = [flag for flag, v in (("-o", output), ("--quick", quick), ("--offload-dir", offload_dir),
@@ -49,6 +50,7 @@ def command(output: str | None, quick: bool, offload_dir: str | None, device: st
 
 def _measure(output: str | None, quick: bool, offload_dir: str | None, device: str | None) -> None:
     from specplan.catalog import user_profiles_dir
+    from specplan.contracts.hardware import CONTENDED_CPU_FRACTION
     from specplan.engine.measure.profiler import configure, measure_this_machine
     from specplan.fmt import console
 
@@ -58,15 +60,22 @@ def _measure(output: str | None, quick: bool, offload_dir: str | None, device: s
     config = configure(quick, device, Path(offload_dir) if offload_dir else None)
     m = _with_progress(lambda tick: measure_this_machine(config, tick))
     profile = m.profile
+    pv = profile.provenance
+    mine = user_profiles_dir().resolve()
+    if pv.contended and (out is None or out.resolve().parent == mine):
+        raise SpecplanError(f"refused: other processes used {pv.others_cpu_fraction:.0%} of the CPUs while measuring "
+                            f"({m.attempts} attempt{'s' if m.attempts > 1 else ''}; contended above "
+                            f"{CONTENDED_CPU_FRACTION:.0%}), so it is not stored as this machine's profile in {mine}; "
+                            f"rerun on an idle machine, or pass -o FILE outside it to keep it marked contended")
     path = out or user_profiles_dir() / f"{profile.name}.json"
     _write(path, profile)
     con = console()
-    con.print(f"measured in {m.seconds:.0f} s ({m.preset})")
+    con.print(f"measured in {m.seconds:.0f} s ({m.preset}, {m.attempts} attempt{'s' if m.attempts > 1 else ''}); "
+              f"{pv.cleanliness()}", highlight=False)
     _print_summary(profile)
-    others = m.others_cpu_fraction
-    if others is not None and others > BUSY_WARNING:
-        con.print(f"[yellow]warning: other processes used {others:.0%} of the CPUs while measuring; compute figures "
-                  f"may be low: rerun on an idle machine[/yellow]")
+    if pv.contended:
+        con.print(f"[yellow]warning: a contended profile (written to -o only, marked contended in its provenance): "
+                  f"compute figures may be low, and plans and runs on it say so[/yellow]")
     click.echo(f"wrote {path}")
 
 
@@ -147,12 +156,18 @@ def _print_summary(p) -> None:
 def print_profile(p) -> None:
     from rich.table import Table
 
+    from specplan.contracts.hardware import STALE_PROFILE_S
     from specplan.fmt import console, human_bytes, human_rate, human_seconds
 
     con = console()
     pv = p.provenance
     when = f"{pv.kind} {pv.created_utc}" + (f", torch {pv.torch_version}" if pv.torch_version else "")
     con.print(f"[bold]{p.name}[/bold]  ({when})")
+    if pv.kind == "measured":
+        age = pv.age_s()
+        stale = f" (stale: older than {STALE_PROFILE_S / 86400:.0f} days, re-measure it)" if pv.stale() else ""
+        con.print(("age unknown" if age is None else f"measured {_age_words(age)} ago{stale}")
+                  + f"; {pv.cleanliness()}", highlight=False, markup=False)
     if pv.command:
         con.print(f"command: {pv.command}")
     if pv.source:
@@ -214,6 +229,14 @@ def print_profile(p) -> None:
               f"{human_bytes(p.os_reserve_bytes())} for the OS, plans leave them out of the host's memory")
     if pv.notes:
         con.print("notes: " + pv.notes)
+
+
+def _age_words(seconds: float) -> str:
+    """An age in the largest unit that makes it at least 1: minutes, hours or days."""
+    for unit, size in (("days", 86400), ("hours", 3600)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{max(seconds, 0) / 60:.0f} minutes"
 
 
 def _curve_table(title: str, curves, fmt_x, fmt_y):

@@ -69,6 +69,8 @@ def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration
                    num_prompts, top, _command_line(), sampling_of(Sampling(), temperature, top_p, top_k, seed), dtype)
     result = search(ask)
     click.echo("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
+    for line in ask.profile.provenance.warnings():
+        click.echo(f"warning: {line}")
     best = result.plans[0]
     if explain:
         from specplan.planner.explain import explain as why

@@ -8,6 +8,7 @@ profiles go through the same interface.
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import math
 from typing import Literal
 
@@ -39,6 +40,11 @@ DEFAULT_PROCESS_RESIDENT_BYTES = {"cpu": 640 << 20, "cuda": 2 << 30}
 #: host RAM left to the operating system (page tables, services, the page cache of the offload reads) whatever the
 #: plan: this fraction of the host's memory, at least ``OS_RESERVE_MIN_BYTES``.
 OS_RESERVE_FRACTION, OS_RESERVE_MIN_BYTES = 0.02, 1 << 30
+#: a measured profile is contended when other processes (and the hypervisor's steal) used more than this share of
+#: the CPUs while it was measured: ``specplan profile`` re-measures it, then refuses to keep it as this machine's.
+CONTENDED_CPU_FRACTION = 0.10
+#: a measured profile older than this is stale: plans and runs on it say so.
+STALE_PROFILE_S = 7 * 86400.0
 
 
 class Stat(Strict):
@@ -72,6 +78,10 @@ class Stat(Strict):
         """(max - min) / median: the relative noise of the samples."""
         return (self.max - self.min) / self.median
 
+    def scaled(self, factor: float) -> "Stat":
+        """Every sample times ``factor`` (> 0)."""
+        return Stat(min=self.min * factor, median=self.median * factor, max=self.max * factor)
+
 
 class Point(Strict):
     """One x of a curve with the statistics of y there."""
@@ -100,6 +110,10 @@ class Curve(Strict):
     @classmethod
     def constant(cls, x_name: str, y_name: str, value: float, x: float = 1.0) -> "Curve":
         return cls(x_name=x_name, y_name=y_name, points=[Point(x=x, y=Stat.of(value))])
+
+    def scaled(self, factor: float) -> "Curve":
+        """The curve with every y times ``factor`` (> 0)."""
+        return self.model_copy(update={"points": [Point(x=p.x, y=p.y.scaled(factor)) for p in self.points]})
 
     def at(self, x: float, stat: Literal["min", "median", "max"] = "median") -> float:
         pts = self.points
@@ -138,6 +152,14 @@ class Link(Strict):
             t = max(t, nbytes / self.sustained_Bps.median)
         return t
 
+    def scaled(self, speed: float) -> "Link":
+        """The link ``speed`` times as fast (> 0): bandwidths times ``speed``, latencies over it, so that
+        ``time_s`` of every size is divided by ``speed``."""
+        return self.model_copy(update={
+            "bandwidth_Bps": self.bandwidth_Bps.scaled(speed), "latency_s": self.latency_s / speed,
+            "latency_samples_s": None if self.latency_samples_s is None else self.latency_samples_s.scaled(1 / speed),
+            "sustained_Bps": None if self.sustained_Bps is None else self.sustained_Bps.scaled(speed)})
+
 
 class MatmulCurve(Strict):
     """Achieved FLOP/s of ``(m x k) @ (k x n)`` in ``dtype`` over the number of rows ``m``."""
@@ -165,8 +187,8 @@ class ComputeUnit(Strict):
     def dtypes(self) -> list[str]:
         return sorted({c.dtype for c in self.matmul})
 
-    def matmul_flops(self, dtype: str, m: float, k: int | None = None, n: int | None = None) -> float:
-        """Achieved FLOP/s for ``m`` rows; among the measured weight shapes the nearest to ``k x n`` (in log size).
+    def matmul_curve(self, dtype: str, k: int | None = None, n: int | None = None) -> MatmulCurve:
+        """The curve of ``dtype`` whose weight shape is the nearest to ``k x n`` (in log size; the first without one).
 
         A dtype without figures raises ``KeyError``: the planner never silently assumes a rate.
         """
@@ -176,7 +198,11 @@ class ComputeUnit(Strict):
         if k is not None and n is not None and len(curves) > 1:
             target = math.log(k * n)
             curves.sort(key=lambda c: abs(math.log(c.k * c.n) - target))
-        return curves[0].flops.at(max(m, 1))
+        return curves[0]
+
+    def matmul_flops(self, dtype: str, m: float, k: int | None = None, n: int | None = None) -> float:
+        """Achieved FLOP/s for ``m`` rows on the curve ``matmul_curve(dtype, k, n)``."""
+        return self.matmul_curve(dtype, k, n).flops.at(max(m, 1))
 
     def peak_matmul_flops(self, dtype: str) -> float:
         return max(p.y.median for c in self.matmul if c.dtype == dtype for p in c.flops.points)
@@ -208,12 +234,57 @@ class Provenance(Strict):
     device_name: str | None = None
     cpu_name: str | None = None
     notes: str | None = None
+    #: measured profiles: the share of all CPUs' time other processes (and the hypervisor's steal) used while the
+    #: profile was measured (None: not recorded); above ``CONTENDED_CPU_FRACTION`` the profile is contended.
+    others_cpu_fraction: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sourced(self) -> "Provenance":
         if self.kind == "published" and not self.source:
             raise ValueError("a published profile must name its source")
         return self
+
+    @property
+    def contended(self) -> bool:
+        """Measured while other processes took more than ``CONTENDED_CPU_FRACTION`` of the CPUs."""
+        return self.others_cpu_fraction is not None and self.others_cpu_fraction > CONTENDED_CPU_FRACTION
+
+    def age_s(self, now: dt.datetime | None = None) -> float | None:
+        """Seconds since ``created_utc`` (None when it is not an ISO time)."""
+        try:
+            created = dt.datetime.strptime(self.created_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            return None
+        return ((now or dt.datetime.now(dt.timezone.utc)) - created).total_seconds()
+
+    def stale(self, now: dt.datetime | None = None) -> bool:
+        """A measured profile older than ``STALE_PROFILE_S``."""
+        age = self.age_s(now)
+        return self.kind == "measured" and age is not None and age > STALE_PROFILE_S
+
+    def cleanliness(self) -> str:
+        """How clean the measurement was, in words."""
+        if self.kind != "measured":
+            return "published figures (not measured here)"
+        if self.others_cpu_fraction is None:
+            return "cleanliness not recorded (measured before specplan recorded other processes' CPU share)"
+        verdict = "CONTENDED" if self.contended else "clean"
+        return (f"{verdict}: other processes used {self.others_cpu_fraction:.0%} of the CPUs while measuring "
+                f"(contended above {CONTENDED_CPU_FRACTION:.0%})")
+
+    def warnings(self, now: dt.datetime | None = None) -> list[str]:
+        """One line each when a measured profile is contended or older than ``STALE_PROFILE_S``; none otherwise."""
+        if self.kind != "measured":
+            return []
+        out = []
+        if self.contended:
+            out.append(f"the profile was measured while other processes used {self.others_cpu_fraction:.0%} of the "
+                       f"CPUs (contended): its figures may be low; re-measure on an idle machine (specplan profile)")
+        if self.stale(now):
+            age = self.age_s(now) or 0.0
+            out.append(f"the profile is {age / 86400:.1f} days old (stale after {STALE_PROFILE_S / 86400:.0f}): "
+                       f"the machine may have changed; re-measure it (specplan profile)")
+        return out
 
 
 class DiskInfo(Strict):
@@ -268,15 +339,16 @@ class HardwareProfile(Strict):
     def link(self, name: str) -> Link | None:
         return self.links.get(name)
 
+    def h2d_link_name(self, pinned: bool = True) -> str:
+        """The link host->device copies are timed on: pinned or pageable as asked, the other where only it is there
+        (a profile with a host tier has one: the validator checks it)."""
+        return next(n for n in ("h2d_pinned", "h2d_pageable")[:: 1 if pinned else -1] if n in self.links)
+
     def h2d_time_s(self, nbytes: float, pinned: bool = True) -> float:
         """Host->device copy time; zero when host and device share memory."""
         if not self.has_host_tier or nbytes <= 0:
             return 0.0
-        link = self.links.get("h2d_pinned" if pinned else "h2d_pageable") or self.links.get(
-            "h2d_pageable" if pinned else "h2d_pinned"
-        )
-        assert link is not None  # guaranteed by the validator
-        return link.time_s(nbytes)
+        return self.links[self.h2d_link_name(pinned)].time_s(nbytes)
 
     def d2h_time_s(self, nbytes: float, pinned: bool = True) -> float:
         if not self.has_host_tier or nbytes <= 0:
@@ -288,11 +360,13 @@ class HardwareProfile(Strict):
             return self.h2d_time_s(nbytes, pinned)
         return link.time_s(nbytes)
 
+    def disk_read_link_name(self, direct: bool = True) -> str:
+        """The link disk reads are timed on: O_DIRECT or buffered as asked, the other where only it is there."""
+        for name in ("disk_read_direct", "disk_read_buffered")[:: 1 if direct else -1]:
+            if name in self.links:
+                return name
+        raise ContractError(f"profile '{self.name}' has no disk read figures (links disk_read_direct or "
+                            f"disk_read_buffered); measure one with `specplan profile`, or add them to the file")
+
     def disk_read_time_s(self, nbytes: float, direct: bool = True) -> float:
-        link = self.links.get("disk_read_direct" if direct else "disk_read_buffered") or self.links.get(
-            "disk_read_buffered" if direct else "disk_read_direct"
-        )
-        if link is None:
-            raise ContractError(f"profile '{self.name}' has no disk read figures (links disk_read_direct or "
-                                f"disk_read_buffered); measure one with `specplan profile`, or add them to the file")
-        return link.time_s(nbytes)
+        return self.links[self.disk_read_link_name(direct)].time_s(nbytes)
