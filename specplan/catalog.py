@@ -96,6 +96,17 @@ def user_profiles_dir() -> Path:
     return user_dir() / "profiles"
 
 
+def contended_profiles_dir() -> Path:
+    """Where ``specplan profile`` keeps a measurement it refused as this machine's (contended): never read as
+    this machine's profile, only when named with --profile."""
+    return user_dir() / "contended-profiles"
+
+
+def contended_profiles() -> list[Path]:
+    """The refused (contended) measurements of this machine, newest first."""
+    return sorted(contended_profiles_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def bundled_profiles() -> dict[str, Path]:
     return {p.stem: p for p in sorted(_bundled("hardware").glob("*.json"))}
 

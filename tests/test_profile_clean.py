@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from planner_fixtures import cpu_profile
 
-from specplan.catalog import user_profiles_dir
+from specplan.catalog import contended_profiles, user_profiles_dir
 from specplan.cli import main
 from specplan.contracts.hardware import CONTENDED_CPU_FRACTION, STALE_PROFILE_S, HardwareProfile, Provenance
 from specplan.engine.measure import profiler
@@ -81,9 +81,10 @@ def test_cli_refuses_a_contended_profile_as_this_machines(fake_measure, monkeypa
     r = run("profile", "--quick")
     assert r.exit_code == 2, r.output
     (line,) = [line for line in r.output.splitlines() if line.strip()]  # one line (the progress bar left a blank)
-    assert line.startswith("Error: refused") and "47%" in line and "-o FILE" in line
-    assert "refused" in r.output and "47%" in r.output and "-o FILE" in r.output
+    assert line.startswith("Error: refused") and "47%" in line and "idle machine" in line
     assert not list(user_profiles_dir().glob("*.json"))
+    (kept,) = contended_profiles()  # kept apart, marked, for --profile only
+    assert f"--profile {kept}" in line and load(HardwareProfile, kept).provenance.contended
     r = run("profile", "--quick", "-o", user_profiles_dir() / "mine.json")  # -o into the cache is no way around it
     assert r.exit_code == 2 and "refused" in r.output
     assert not list(user_profiles_dir().glob("*.json"))

@@ -49,7 +49,7 @@ def command(output: str | None, quick: bool, offload_dir: str | None, device: st
 
 
 def _measure(output: str | None, quick: bool, offload_dir: str | None, device: str | None) -> None:
-    from specplan.catalog import user_profiles_dir
+    from specplan.catalog import contended_profiles_dir, user_profiles_dir
     from specplan.contracts.hardware import CONTENDED_CPU_FRACTION
     from specplan.engine.measure.profiler import configure, measure_this_machine
     from specplan.fmt import console
@@ -63,10 +63,12 @@ def _measure(output: str | None, quick: bool, offload_dir: str | None, device: s
     pv = profile.provenance
     mine = user_profiles_dir().resolve()
     if pv.contended and (out is None or out.resolve().parent == mine):
+        kept = _write(contended_profiles_dir() / f"{profile.name}.json", profile)
         raise SpecplanError(f"refused: other processes used {pv.others_cpu_fraction:.0%} of the CPUs while measuring "
                             f"({m.attempts} attempt{'s' if m.attempts > 1 else ''}; contended above "
-                            f"{CONTENDED_CPU_FRACTION:.0%}), so it is not stored as this machine's profile in {mine}; "
-                            f"rerun on an idle machine, or pass -o FILE outside it to keep it marked contended")
+                            f"{CONTENDED_CPU_FRACTION:.0%}), so it is not stored as this machine's profile in {mine} "
+                            f"(kept, marked contended, in {kept}: --profile {kept} plans on it anyway); rerun on an "
+                            f"idle machine")
     path = out or user_profiles_dir() / f"{profile.name}.json"
     _write(path, profile)
     con = console()
@@ -93,11 +95,11 @@ def _check_writable(out: Path) -> None:
         raise SpecplanError(f"-o {out}: folder {out.parent} is not writable; pass another -o FILE")
 
 
-def _write(path: Path, profile) -> None:
+def _write(path: Path, profile) -> Path:
     from specplan.jsonio import write_json
 
     try:
-        write_json(path, profile)
+        return write_json(path, profile)
     except OSError as e:
         raise SpecplanError(f"cannot write {path}: {e.strerror or e}; pass another -o FILE") from None
 
