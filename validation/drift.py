@@ -74,8 +74,15 @@ class Figure:
     def row(self) -> dict[str, Any]:
         ratio = self.observed() / self.profiled()
         return {"resource": self.resource, "figure": self.figure, f"observed_{self.unit}": self.observed(),
-                f"profile_{self.unit}": self.profiled(), "ratio": ratio, "events": self.events,
-                "observed_s": self.observed_s, "profile_s": self.profile_s, "drifted": drifted(ratio)}
+                f"profile_{self.unit}": self.profiled(), "ratio": ratio, "events": self.events, "unit": self.unit,
+                "work": self.work, "observed_s": self.observed_s, "profile_s": self.profile_s,
+                "drifted": drifted(ratio)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Figure":
+        """The figure a ``row`` (of a result.json's drift report) was written from."""
+        return cls(row["resource"], row["figure"], row["unit"], row["work"], row["observed_s"], row["profile_s"],
+                   row["events"])
 
 
 def drifted(ratio: float, threshold: float = DRIFT_THRESHOLD) -> bool:

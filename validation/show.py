@@ -167,3 +167,38 @@ def show_grid(rows: list[dict], s: dict) -> None:
         con.print(f"at {budget} GiB: regret of the planner's choice (best measured / chosen measured, end-to-end) "
                   f"{g['regret']:.2f} (chose plan {g['chosen_plan']}, the fastest measured: plan "
                   f"{g['best_measured_plan']}, of {g['plans_at_budget']} plans there)")
+
+
+def show_fit(rows: list[dict], s: dict) -> None:
+    """A calibration fit (``calibrate.fit_grid``): the figures refitted, each plan's errors, the held-out summary."""
+    from rich.table import Table
+
+    from specplan.fmt import console
+
+    con = console()
+    fit = s["calibration"]
+    con.print(f"fitted on plans {', '.join(map(str, s['fitted_on_plans']))} ({s['training_runs']} runs) of profile "
+              f"{fit['base_profile']}: " + "; ".join(
+                  [f"{k} x{v:.2f}" for k, v in fit["speed"].items()] + [f"{k} {v * 1e6:.0f} us"
+                                                                       for k, v in fit["overhead_s"].items()]),
+              highlight=False)
+    t = Table(title="end-to-end throughput (tok/s): measured (median) vs predicted at the profile and calibrated")
+    for col in ("plan", "split", "measured", "at profile", "err", "calibrated", "err", "calibrated at meas. acc.",
+                "err"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for r in rows:
+        k = "e2e_tok_s"
+        at_acc = r.get(f"predicted_calibrated_at_measured_acceptance_{k}")
+        t.add_row(str(r["plan"]), r["split"], f"{r[f'measured_{k}']:.2f}", f"{r[f'predicted_profile_{k}']:.2f}",
+                  f"{r[f'signed_error_profile_{k}']:+.1%}", f"{r[f'predicted_calibrated_{k}']:.2f}",
+                  f"{r[f'signed_error_calibrated_{k}']:+.1%}", "-" if at_acc is None else f"{at_acc:.2f}",
+                  "-" if at_acc is None else f"{r[f'signed_error_calibrated_at_measured_acceptance_{k}']:+.1%}")
+    con.print(t)
+    h = s["held_out"]
+    for label, what in (("profile", "at the profile as measured"), ("calibrated", "at the calibrated profile")):
+        for key, name in (("e2e_tok_s", "end-to-end"), ("decode_tok_s", "decode-only")):
+            e = h.get(f"{label}_{key}")
+            if e is not None:
+                rho = "-" if e["spearman"] is None else f"{e['spearman']:.2f}"
+                con.print(f"held-out ({h['plans']} plans), {name}, {what}: median |error| {e['median_abs']:.1%}, "
+                          f"worst {e['worst']:+.1%}, Spearman {rho}")

@@ -223,6 +223,25 @@ class Overheads(Strict):
     samples_s: dict[str, Stat] | None = None
 
 
+class CalibrationFit(Strict):
+    """Figures of a profile refitted on measured runs (``specplan calibrate``): what replaced what, and on which
+    runs. ``speed``: figure -> the profile's time for the runs' work over the time it took (the factor the
+    figure was scaled by); ``overhead_s``: fixed overheads replaced by the fitted seconds."""
+
+    fitted_utc: str
+    base_profile: str = Field(min_length=1)  # the name of the profile the figures were refitted from
+    fitted_on: list[str] = Field(min_length=1)  # the runs (their folders) the figures were fitted on
+    speed: dict[str, float] = {}
+    overhead_s: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _positive(self) -> "CalibrationFit":
+        bad = [k for k, v in {**self.speed, **self.overhead_s}.items() if not (v >= 0 and math.isfinite(v))]
+        if bad or any(v == 0 for v in self.speed.values()):
+            raise ValueError(f"fitted figures must be positive and finite: {', '.join(bad) or 'a speed of 0'}")
+        return self
+
+
 class Provenance(Strict):
     kind: Literal["measured", "published"]
     created_utc: str
@@ -237,6 +256,8 @@ class Provenance(Strict):
     #: measured profiles: the share of all CPUs' time other processes (and the hypervisor's steal) used while the
     #: profile was measured (None: not recorded); above ``CONTENDED_CPU_FRACTION`` the profile is contended.
     others_cpu_fraction: float | None = Field(None, ge=0, le=1)
+    #: a profile refitted on measured runs: its figures, the runs, when (None: the figures as measured)
+    calibration: CalibrationFit | None = None
 
     @model_validator(mode="after")
     def _sourced(self) -> "Provenance":
