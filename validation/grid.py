@@ -21,7 +21,7 @@ from pathlib import Path
 
 from specplan.errors import SpecplanError
 from specplan.jsonio import write_atomic, write_json
-from specplan.validation.compare import comparison, simulated_for
+from specplan.validation.compare import SYNTHETIC_NOTE, comparison, simulated_for
 from specplan.validation.runs import plan_id
 
 
@@ -49,9 +49,11 @@ def grid(plans: list, limit: int) -> list:
 
 def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str, ...], acceptance: float | None,
              calibration: str | None, prompts_file: str | None, num_prompts: int, gen_len: int, max_plans: int,
-             out_dir: str | Path, say: Callable[[str], None] = print) -> GridReport:
+             out_dir: str | Path, say: Callable[[str], None] = print,
+             synthetic_acceptance: float | None = None) -> GridReport:
     """Search the model (``vram`` in GiB), run the grid's plans on its weights, write plan<i>.json, validate.csv and
-    summary.json to ``out_dir``."""
+    summary.json to ``out_dir``. ``synthetic_acceptance`` A (a benchmark mode, not lossless): the plans assume A and
+    their speculative runs accept each proposal with probability A, so the grid measures the cost model alone."""
     from tqdm import tqdm
 
     from specplan.catalog import model_config_path
@@ -63,6 +65,13 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
     from specplan.validation.runs import (FIXED_LENGTH, FIXED_LENGTH_WORKLOAD, encode_prompts, prompt_format,
                                           read_prompts)
 
+    if synthetic_acceptance is not None:
+        if not 0.0 < synthetic_acceptance <= 1.0:
+            raise SpecplanError(f"--synthetic-acceptance must lie in (0, 1], got {synthetic_acceptance:g}")
+        if acceptance is not None or calibration is not None:
+            raise SpecplanError("--synthetic-acceptance fixes the acceptance the plans assume and the runs draw; "
+                                "drop --acceptance and --calibration")
+        acceptance = synthetic_acceptance
     refuse_gguf_weights(model_config_path(model), "--model")
     folder = model_config_path(model).parent
     if not any(folder.glob("*.safetensors")):
@@ -80,8 +89,11 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
                             "another budget (--vram)")
     out, rows = Path(out_dir), []
     say(f"validating {len(plans)} plans of {ask.spec.name} on {ask.profile.name}: {num_prompts} prompts "
-        f"({prompt_format(tok)}) x {gen_len} tokens, {FIXED_LENGTH_WORKLOAD}")
+        f"({prompt_format(tok)}) x {gen_len} tokens, {FIXED_LENGTH_WORKLOAD}"
+        + (f"; {SYNTHETIC_NOTE.format(a=synthetic_acceptance)}" if synthetic_acceptance is not None else ""))
     done = finished_rows(out / "validate.csv", say)
+    done = {pid: r for pid, r in done.items()  # a speculative row counts only at the same synthetic acceptance
+            if r.get("draft_len") in (0, None) or r.get("synthetic_acceptance") == synthetic_acceptance}
     resumed = [plan_id(p) for p in plans if plan_id(p) in done]
     if resumed:
         say(f"resuming: {len(resumed)} of {len(plans)} plans already ran (rows of {out / 'validate.csv'} matched "
@@ -92,12 +104,16 @@ def run_grid(model: str, vram: float, profile_arg: str | None, drafts: tuple[str
             rows.append({**done[pid], "plan": i, "chosen": i == 0})
             continue
         write_json(out / f"plan{i}.json", plan)
-        result = run_plan(plan, ckpt, prompts, gen_len)
+        result = run_plan(plan, ckpt, prompts, gen_len,
+                          synthetic_acceptance=synthetic_acceptance if plan.policy.speculative else None)
         rows.append(row(i, plan, result))
         # after each plan, atomically: a kill leaves the previous file or this one, never half a row
         write_atomic(out / "validate.csv", table(rows + pending(done, rows)).to_csv(index=False))
     write_atomic(out / "validate.csv", table(rows).to_csv(index=False))
     summary = {**summarise(rows), "stop": FIXED_LENGTH, "prompt_format": prompt_format(tok)}
+    if synthetic_acceptance is not None:
+        summary["benchmark_mode"] = {"synthetic_acceptance": synthetic_acceptance, "lossless": False,
+                                     "note": SYNTHETIC_NOTE.format(a=synthetic_acceptance)}
     return GridReport(rows, summary, [out / "validate.csv", write_json(out / "summary.json", summary)])
 
 
@@ -132,6 +148,7 @@ def row(i: int, plan, result) -> dict:
     m, p = report["measured"], report["predicted"]
     sim = simulated_for(plan, result)
     acc = report.get("acceptance") or {}
+    cost, accm = report["errors"]["cost_model"], report["errors"]["acceptance_model"]
     pol = plan.policy
     return {"plan": i, "plan_id": plan_id(plan), "chosen": i == 0, "draft": plan.draft.label, "draft_len": pol.draft_len,
             "num_batches": pol.num_batches, "decode_batch": pol.decode_batch, "prefill_batch": pol.prefill_batch,
@@ -148,7 +165,11 @@ def row(i: int, plan, result) -> dict:
             "measured_disk_busy_s": m["busy_s"].get("disk_read", 0.0),
             "predicted_disk_busy_s": p["busy_s"].get("disk_read", 0.0),
             "measured_compute_busy_s": m["busy_s"].get("device_compute", 0.0),
-            "predicted_compute_busy_s": p["busy_s"].get("device_compute", 0.0)}
+            "predicted_compute_busy_s": p["busy_s"].get("device_compute", 0.0),
+            "signed_error_cost_model": cost["signed_error"]["decode_tok_s"] if cost else None,
+            "signed_error_cost_model_e2e": cost["signed_error"]["e2e_tok_s"] if cost else None,
+            "signed_error_acceptance_model": accm["signed_error"] if accm else None,
+            "synthetic_acceptance": acc.get("synthetic_acceptance")}
 
 
 def table(rows: list[dict]):

@@ -62,17 +62,13 @@ def show_run(plan, r: dict) -> None:
         measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
         frac = (f"{acc['accepted_tokens']} of {acc['proposed_tokens']} proposals accepted (accepted fraction "
                 f"{acc['accepted_tokens'] / acc['proposed_tokens']:.3f})" if acc["proposed_tokens"] else "none proposed")
-        line = (f"per-token draft acceptance a (of E[tokens/round] = (1 - a^(g+1)) / (1 - a); measured: its maximum-"
-                f"likelihood estimate): assumed {acc['assumed']:.3f}, measured {measured} over "
-                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals, {frac}; tokens per sequence and "
-                f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
-                f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
-        at = r.get("predicted_at_measured_acceptance")
-        if at is not None:
-            e = r["signed_error_at_measured_acceptance"]["decode_tok_s"]
-            line += (f", {acc['tokens_per_seq_round_expected_at_measured']:.2f} at the measured one; predicted at "
-                     f"the measured acceptance: {at['decode_tok_s']:.2f} tok/s decode-only ({e:+.1%})")
-        out.print(line)
+        out.print(f"draft acceptance: per-token a (maximum-likelihood estimate) assumed {acc['assumed']:.3f} "
+                  f"({acc['assumed_model']}), measured {measured} over {acc['sequence_rounds']} sequence-rounds of "
+                  f"{acc['draft_len']} proposals, {frac}")
+        if acc["measured_curve"] is not None:
+            out.print("P(n >= i), i = 1..g: assumed " + _curve(acc["assumed_curve"]) + "; measured "
+                      + _curve(acc["measured_curve"]))
+    show_errors(r)
     caps = r["capacity_bytes"]
     out.print("peak resident bytes (allocated): " + "; ".join(
         f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
@@ -82,6 +78,43 @@ def show_run(plan, r: dict) -> None:
     out.print(f"process peak RSS {human_bytes(res['peak_rss_bytes'])}, {verdict} the plan's RAM bytes "
               f"{human_bytes(res['plan_ram_bytes'])} + process headroom {human_bytes(res['headroom_process_bytes'])} "
               f"= {human_bytes(res['limit_bytes'])} (headroom: {res['headroom_source']})")
+
+
+def _curve(values: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in values)
+
+
+def show_errors(r: dict) -> None:
+    """The cost model's error (prediction at the measured acceptance) apart from the acceptance model's (expected
+    vs measured tokens per round), the routing's, and a synthetic acceptance's benchmark mark."""
+    from specplan.fmt import console
+
+    out = console()
+    mode = r.get("benchmark_mode")
+    if mode is not None:
+        out.print(f"[bold red]{mode['note']}[/bold red]")
+    e = r.get("errors") or {}
+    cost, acc, routing = e.get("cost_model"), e.get("acceptance_model"), e.get("routing")
+    if cost is not None:
+        se = cost["signed_error"]
+        out.print(f"cost model's error (predicted at {cost['predicted_at']}): decode-only "
+                  f"{cost['predicted_decode_tok_s']:.2f} predicted vs {cost['measured_decode_tok_s']:.2f} tok/s "
+                  f"measured ({_pct(se['decode_tok_s'])}), end-to-end {cost['predicted_e2e_tok_s']:.2f} vs "
+                  f"{cost['measured_e2e_tok_s']:.2f} ({_pct(se['e2e_tok_s'])})")
+    if acc is not None:
+        out.print(f"acceptance model's error: tokens per sequence and verification expected "
+                  f"{acc['tokens_per_seq_round_expected']:.3f}, measured {acc['tokens_per_seq_round_measured']:.3f} "
+                  f"({_pct(acc['signed_error'])})")
+    if routing is not None:
+        out.print(f"routing: distinct experts per MoE layer pass in decode expected "
+                  f"{routing['distinct_experts_per_layer_pass_expected']:.2f} (uniform routing, "
+                  f"{routing['routed_rows_mean']:.1f} routed rows mean), measured "
+                  f"{routing['distinct_experts_per_layer_pass_measured']:.2f} ({_pct(routing['signed_error'])}) over "
+                  f"{routing['layer_passes']} layer passes")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
 
 
 def show_grid(rows: list[dict], s: dict) -> None:

@@ -28,17 +28,21 @@ from specplan.commands._params import GIB
 @click.option("--gen-len", type=click.IntRange(min=2, max=MAX_TOKENS), default=16, show_default=True, help="New tokens per prompt.")
 @click.option("--plans", "max_plans", type=click.IntRange(min=2, max=20), default=6, show_default=True,
               help="Plans in the grid.")
+@click.option("--synthetic-acceptance", "synthetic", metavar="A", type=float, default=None,
+              help="Benchmark mode, NOT lossless: the plans assume per-token acceptance A and their speculative runs "
+                   "accept each proposal with probability A from a seeded generator, so the grid measures the cost "
+                   "model alone (0 < A <= 1; not with --acceptance or --calibration).")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/validate", show_default=True,
               help="Folder for validate.csv and each plan's files.")
 def command(model: str, vram: float, profile_arg: str | None, drafts: tuple[str, ...], acceptance: float | None,
             calibration: str | None, prompts_file: str | None, num_prompts: int, gen_len: int, max_plans: int,
-            out_dir: str) -> None:
+            synthetic: float | None, out_dir: str) -> None:
     """Run a grid of the search's plans on this machine and report how right the planner is: signed errors of the
     prediction and the simulation, rank correlation, and the regret of the planner's choice."""
     from specplan.validation.grid import run_grid
     from specplan.validation.show import show_grid
 
     r = run_grid(model, vram, profile_arg, drafts, acceptance, calibration, prompts_file, num_prompts, gen_len,
-                 max_plans, out_dir, say=click.echo)
+                 max_plans, out_dir, say=click.echo, synthetic_acceptance=synthetic)
     show_grid(r.rows, r.summary)
     click.echo(f"wrote {r.written[0]} and {r.written[1]}")
