@@ -25,6 +25,9 @@ def show_run(plan, r: dict) -> None:
               f"{wl['prompt_len_max']}; the plan assumed {wl['planned_prompt_len']}); {fmt}stop: {r['stop']}; "
               f"compute {r['compute_dtype']}; disk reads "
               + ("none" if r["o_direct"] is None else "O_DIRECT" if r["o_direct"] else "buffered + fadvise(DONTNEED)"))
+    mode = r.get("benchmark_mode")
+    if mode is not None:
+        out.print(f"[bold red]{mode['note']}[/bold red]")
     if wl.get("generated_tokens_mean", wl["gen_len"]) < wl["gen_len"]:
         out.print(f"{r.get('stopped_at_eos', 0)} of {wl['num_prompts']} sequences stopped at EOS: the prediction "
                   f"assumes {wl['gen_len']} tokens each (fixed length), so it is not like for like; --fixed-length "
@@ -86,13 +89,10 @@ def _curve(values: list[float]) -> str:
 
 def show_errors(r: dict) -> None:
     """The cost model's error (prediction at the measured acceptance) apart from the acceptance model's (expected
-    vs measured tokens per round), the routing's, and a synthetic acceptance's benchmark mark."""
+    vs measured tokens per round) and the routing's."""
     from specplan.fmt import console
 
     out = console()
-    mode = r.get("benchmark_mode")
-    if mode is not None:
-        out.print(f"[bold red]{mode['note']}[/bold red]")
     e = r.get("errors") or {}
     cost, acc, routing = e.get("cost_model"), e.get("acceptance_model"), e.get("routing")
     if cost is not None:

@@ -68,10 +68,15 @@ def measured(plan: Plan, out) -> dict[str, Any]:
     }
 
 
+#: the resources a forward's compute spans run on (reads and copies carry the names of what they move)
+COMPUTE = ("device_compute", "host_compute")
+
+
 def decode_routing(plan: Plan, timeline: Timeline) -> dict[str, Any] | None:
     """MoE targets: the routing the decode passes measured, from the timeline's spans: per target MoE layer pass
-    (a ``L<i>.router`` span inside a decode phase, draft spans aside) its routed rows (the router's FLOPs over its
-    parameters) and the distinct experts it ran (the ``L<i>.E<e>`` spans: one per distinct expert and pass).
+    (a ``L<i>.router`` compute span inside a decode phase, draft spans aside) its routed rows (the router's FLOPs over
+    its parameters) and the distinct experts it ran (the ``L<i>.E<e>`` compute spans: one per distinct expert and
+    pass; the reads of the same name are not counted).
     None for a dense target or a run without decode passes."""
     spec = plan.model.spec
     if not spec.is_moe:
@@ -79,7 +84,8 @@ def decode_routing(plan: Plan, timeline: Timeline) -> dict[str, Any] | None:
     windows = decode_windows(timeline)
     rows, touched = [], 0
     for e in timeline.events:
-        if e.layer is None or e.name.startswith("draft.") or not any(lo <= e.start_s < hi for lo, hi in windows):
+        if (e.layer is None or e.resource not in COMPUTE or e.name.startswith("draft.")
+                or not any(lo <= e.start_s < hi for lo, hi in windows)):
             continue
         if e.name == f"L{e.layer}.router":
             rows.append(round(e.flops / (2 * spec.tensors.matmul_params("norms_router", e.layer))))
