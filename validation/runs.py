@@ -314,7 +314,8 @@ def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
     rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, per_token_acceptance_mle=acc["measured"],
                            accepted_fraction=accepted / proposed if proposed else None,
                            proposed_tokens=proposed or None, accepted_tokens=accepted if proposed else None,
-                           acceptance_curve=acc["measured_curve"], curve_sequence_rounds=acc["sequence_rounds"],
+                           acceptance_curve=acc.get("measured_curve"),
+                           curve_sequence_rounds=acc["sequence_rounds"] if acc.get("measured_curve") else None,
                            source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
                                   f"{acc['draft_len']} proposals, "
                                   + ("greedy verification" if plan.workload.sampling.greedy else

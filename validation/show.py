@@ -124,14 +124,16 @@ def show_grid(rows: list[dict], s: dict) -> None:
     from specplan.fmt import console
 
     t = Table(title="decode-only throughput: predicted, simulated, measured (tok/s)")
-    for col in ("plan", "draft", "batches", "fetch", "predicted", "simulated", "measured", "pred err", "sim err"):
+    for col in ("plan", "draft", "batches", "fetch", "predicted", "simulated", "measured", "pred err", "sim err",
+                "cost model err", "acceptance err"):
         t.add_column(col, justify="left" if col in ("draft", "fetch") else "right")
     for r in rows:
         t.add_row(f"{r['plan']}{' (chosen)' if r['chosen'] else ''}",
                   f"{r['draft']}" + (f" g={r['draft_len']}" if r["draft_len"] else ""),
                   f"{r['num_batches']}x{r['decode_batch']}", r["expert_fetch"], f"{r['predicted_decode_tok_s']:.2f}",
                   f"{r['simulated_decode_tok_s']:.2f}", f"{r['measured_decode_tok_s']:.2f}",
-                  f"{r['signed_error_predicted']:+.1%}", f"{r['signed_error_simulated']:+.1%}")
+                  f"{r['signed_error_predicted']:+.1%}", f"{r['signed_error_simulated']:+.1%}",
+                  _pct(r.get("signed_error_cost_model")), _pct(r.get("signed_error_acceptance_model")))
     con = console()
     con.print(t)
     p, m = s["decode_error_predicted"], s["decode_error_simulated"]
