@@ -80,7 +80,7 @@ def accepted_drafts_pmf(acceptance: float | None, draft_len: int, curve: Sequenc
     one-parameter model ``a^j (1 - a)`` for j < g and ``a^g`` for j = g."""
     if curve:
         s = [1.0, *survival(acceptance, draft_len, curve)]
-        return [s[j] - s[j + 1] for j in range(draft_len)] + [s[draft_len]]
+        return [max(0.0, s[j] - s[j + 1]) for j in range(draft_len)] + [s[draft_len]]
     a = float(acceptance)  # type: ignore[arg-type]
     return [a**j * (1.0 - a) for j in range(draft_len)] + [a**draft_len]
 
