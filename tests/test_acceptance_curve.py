@@ -140,3 +140,19 @@ def test_the_search_plans_with_the_calibrated_curve_and_says_when_it_extends_it(
         assert plan.prediction.tokens_per_seq_round == pytest.approx(1 + sum(survival(None, g, curve)))
         extended = [a for a in plan.prediction.assumptions if "past the measured curve" in a]
         assert bool(extended) == (g > len(curve))
+
+
+def test_the_simulator_draws_from_the_curve():
+    from specplan.simulator import simulate
+
+    plan = hand_plan(tiny_moe(), cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3,
+                     acceptance=0.6)
+
+    def with_curve(curve):
+        return plan.model_copy(update={"policy": plan.policy.model_copy(update={"acceptance_curve": curve})})
+
+    # a geometric curve draws exactly what the one-parameter model draws
+    same = simulate(with_curve([0.6, 0.36, 0.216]), seed=4).summary
+    assert same.decode_tok_s == pytest.approx(simulate(plan, seed=4).summary.decode_tok_s, rel=1e-12)
+    # a curve that accepts everything commits g + 1 tokens a round: fewer rounds, more throughput
+    assert simulate(with_curve([1.0, 1.0, 1.0]), seed=4).summary.decode_tok_s > same.decode_tok_s

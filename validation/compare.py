@@ -80,14 +80,14 @@ def routing_report(plan: Plan, out) -> dict[str, Any] | None:
             "distinct_experts_per_layer_pass_expected": expected, "signed_error": signed_error(expected, measured_)}
 
 
-def errors(plan: Plan, out, meas: dict[str, Any], acc: dict[str, Any] | None,
+def errors(plan: Plan, out, pred: Prediction, meas: dict[str, Any], acc: dict[str, Any] | None,
            routing: dict[str, Any] | None) -> dict[str, Any]:
     """The two errors apart. The cost model's: the prediction recomputed at the measured acceptance (the run's own
     curve ``P(n >= i)``, so its expected tokens per round are the measured ones) against the measured throughput,
     with the routing's error next to it (the prediction assumes uniform routing). The acceptance model's: the
-    planner's expected tokens per sequence and round against the measured."""
+    planner's expected tokens per sequence and round against the measured. ``pred``: the prediction for the
+    workload that ran (``prediction_for``), the cost model's own without a draft."""
     if acc is None:  # no draft: nothing to substitute, the prediction's error is the cost model's
-        pred, _ = prediction_for(plan, out)
         at_note, acceptance = "no draft", None
     elif acc["measured"] is None:
         return {"cost_model": None, "acceptance_model": None, "routing": routing}
@@ -95,14 +95,15 @@ def errors(plan: Plan, out, meas: dict[str, Any], acc: dict[str, Any] | None,
         pred, _ = prediction_for(plan, out, acc["measured"], acc["measured_curve"])
         at_note = (f"the measured acceptance curve P(n >= i), i = 1..{acc['draft_len']} "
                    f"({acc['tokens_per_seq_round_measured']:.3f} tokens per sequence and round)")
-        acceptance = {"tokens_per_seq_round_expected": acc["tokens_per_seq_round_expected"],
+        acceptance = {"model": acc["assumed_model"],
+                      "tokens_per_seq_round_expected": acc["tokens_per_seq_round_expected"],
                       "tokens_per_seq_round_measured": acc["tokens_per_seq_round_measured"],
                       "signed_error": signed_error(acc["tokens_per_seq_round_expected"],
                                                    acc["tokens_per_seq_round_measured"])}
     cost = {"predicted_at": at_note, **{f"predicted_{k}": getattr(pred, k) for k in AT_ACCEPTANCE},
             **{f"measured_{k}": meas[k] for k in AT_ACCEPTANCE},
             "signed_error": {k: signed_error(getattr(pred, k), meas[k]) for k in AT_ACCEPTANCE},
-            "routing": "uniform (expected), measured routing not substituted" if routing else None}
+            "routing": "uniform routing assumed; the measured is reported apart (errors.routing)" if routing else None}
     return {"cost_model": cost, "acceptance_model": acceptance, "routing": routing}
 
 
@@ -158,7 +159,7 @@ def comparison(plan: Plan, out) -> dict[str, Any]:
     acc = acceptance_report(plan, out)
     if acc is not None:
         result["acceptance"] = acc
-    result["errors"] = errors(plan, out, meas, acc, routing_report(plan, out))
+    result["errors"] = errors(plan, out, pred, meas, acc, routing_report(plan, out))
     synthetic = m.get("synthetic_acceptance")
     if synthetic is not None:
         result["benchmark_mode"] = {"synthetic_acceptance": synthetic, "lossless": False,

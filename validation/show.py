@@ -102,7 +102,7 @@ def show_errors(r: dict) -> None:
                   f"measured ({_pct(se['decode_tok_s'])}), end-to-end {cost['predicted_e2e_tok_s']:.2f} vs "
                   f"{cost['measured_e2e_tok_s']:.2f} ({_pct(se['e2e_tok_s'])})")
     if acc is not None:
-        out.print(f"acceptance model's error: tokens per sequence and verification expected "
+        out.print(f"acceptance model's error ({acc['model']}): tokens per sequence and verification expected "
                   f"{acc['tokens_per_seq_round_expected']:.3f}, measured {acc['tokens_per_seq_round_measured']:.3f} "
                   f"({_pct(acc['signed_error'])})")
     if routing is not None:
