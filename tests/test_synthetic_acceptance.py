@@ -20,7 +20,7 @@ from specplan.engine.build.models import upcycle_to_mixtral
 from specplan.engine.execute.runtime import run_plan
 from specplan.engine.model.checkpoint import open_checkpoint
 from specplan.errors import SpecplanError
-from specplan.jsonio import load, write_json
+from specplan.jsonio import write_json
 from specplan.planner.expect import expected_tokens_per_seq
 
 PROMPTS = [[5, 17, 99, 3, 250, 61, 7], [200, 11, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100], [1, 2], [77] * 5]
@@ -99,7 +99,7 @@ def test_every_output_of_a_synthetic_run_is_marked_and_no_calibration_is_written
     plan_file = write_json(tmp_path / "plan.json", spec_plan(models["target"], models["random"], 3,
                                                              path=str(models["target"]), num_prompts=4, gen_len=8))
     out = tmp_path / "res"
-    (out).mkdir()
+    out.mkdir()
     (out / "calibration.json").write_text("{}")  # an earlier run's: not left beside a synthetic one
     r = run_cli(plan_file, "--synthetic-acceptance", "0.6", "--fixed-length", "-o", out)
     assert r.exit_code == 0, r.output

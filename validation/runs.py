@@ -286,7 +286,8 @@ def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok
     pol = plan.policy
     title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {tokens_label(report['workload'])}, "
              f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}"
-             + (f" [synthetic acceptance {mode['synthetic_acceptance']:g}: benchmark mode, not lossless]" if mode else ""))
+             + (f" [synthetic acceptance {mode['synthetic_acceptance']:g}: benchmark mode, not lossless]"
+                if mode else ""))
     written = []
     acc = report.get("acceptance")
     if mode is not None:  # never a calibration from a synthetic acceptance, nor an earlier one left beside it

@@ -8,7 +8,8 @@ Per batch and round:
     verify   the target runs one pass over ``[last committed, d1 .. dg]`` (g + 1 tokens per sequence) and takes its
              greedy token at every position: ``t0 .. tg`` (sampling: its distribution ``p`` at every position)
     accept   per sequence, ``n`` = the number of leading proposals equal to the target's token before them
-             (``d(i+1) == t(i)``; sampling: each accepted with probability ``min(1, p/q)``); it commits ``d1 .. dn``
+             (``d(i+1) == t(i)``; sampling: each accepted with probability ``min(1, p/q)``; synthetic acceptance, a
+             benchmark mode that is not lossless: a seeded coin, ``Sampler.synthetic_accept``); it commits ``d1 .. dn``
              and then ``tn`` (the target's correction, or its bonus token when all ``g`` were accepted): ``n + 1``
              tokens, ragged over the batch
     rollback each cache keeps only what the committed tokens wrote: the target ``last, d1 .. dn``, the draft
@@ -170,7 +171,8 @@ def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
     tokens, num_new = verify_tokens(last, proposals)
     logits = target_pass(tokens, num_new)
     if sampler.synthetic is not None:  # benchmark mode: proposals accepted by a seeded coin, not by the target
-        results = [sampler.synthetic_accept(d, logits[row], seq) for row, (d, seq) in enumerate(zip(proposals, state.seqs))]
+        results = [sampler.synthetic_accept(d, logits[row], seq)
+                   for row, (d, seq) in enumerate(zip(proposals, state.seqs))]
     elif sampler.greedy:
         targets = logits.argmax(-1).tolist()
         results = [accept(d, t) for d, t in zip(proposals, targets)]
