@@ -35,6 +35,8 @@ class DraftChoice:
     acceptance: float | None
     source: str | None  # where the acceptance comes from
     measured: bool
+    #: the measured per-position acceptance [P(n >= 1) .. P(n >= G)] of the calibration record, when it has one
+    curve: tuple[float, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -82,14 +84,14 @@ def default_drafts(target: ModelSpec) -> list[str]:
 
 
 def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, calibration: Calibration | None,
-                   sampling: Sampling = Sampling()) -> tuple[float | None, str | None, bool]:
-    """(acceptance, source, measured) for a draft: --acceptance, then the calibration file's record at the same
-    sampling settings, then the prior."""
+                   sampling: Sampling = Sampling()) -> DraftChoice:
+    """The draft with its acceptance: --acceptance, then the calibration file's record at the same sampling
+    settings (with its per-position curve when it has one), then the prior."""
     if draft.kind == "none":
-        return None, None, False
+        return DraftChoice(draft, None, None, False)
     label = draft.label
     if fixed is not None:
-        return fixed, "given with --acceptance", True
+        return DraftChoice(draft, fixed, "given with --acceptance", True)
     if calibration is not None:
         rec = calibration.find(label, target_name, sampling)
         elsewhere = [r.sampling.label() for r in calibration.acceptance if r.draft == label]
@@ -99,14 +101,19 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
             prior_note = ""
         if rec is not None:
             frac = f", accepted fraction {rec.accepted_fraction:.3f}" if rec.accepted_fraction is not None else ""
-            return (rec.per_token_acceptance_mle,
-                    f"calibration: {rec.source} (the per-token acceptance's maximum-likelihood estimate{frac})", True)
+            if rec.acceptance_curve is None:
+                return DraftChoice(draft, rec.per_token_acceptance_mle, f"calibration: {rec.source} (the per-token "
+                                   f"acceptance's maximum-likelihood estimate{frac})", True)
+            return DraftChoice(draft, rec.per_token_acceptance_mle, f"calibration: {rec.source} (the measured "
+                               f"per-position curve P(n >= i), i = 1..{len(rec.acceptance_curve)}; per-token "
+                               f"maximum-likelihood estimate {rec.per_token_acceptance_mle:.3f}{frac})", True,
+                               tuple(rec.acceptance_curve))
     prior = PRIORS.get((label, target_name)) or PRIORS.get((label, None))
     if prior is None and draft.kind == "model":
         prior = PRIORS[("model", None)]
     assert prior is not None
     note = prior_note if calibration is not None else ""
-    return prior[0], f"prior (assumption, not measured): {prior[1]}{note}", False
+    return DraftChoice(draft, prior[0], f"prior (assumption, not measured): {prior[1]}{note}", False)
 
 
 def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed: float | None,
@@ -118,6 +125,5 @@ def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed
         if spec.label in seen:
             continue
         seen.add(spec.label)
-        a, source, measured = acceptance_for(spec, target_name, fixed, calibration, sampling)
-        out.append(DraftChoice(spec, a, source, measured))
+        out.append(acceptance_for(spec, target_name, fixed, calibration, sampling))
     return out

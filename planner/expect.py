@@ -2,14 +2,17 @@
 
 - MoE, uniform routing: each of N routed tokens picks k of E experts, so one expert is untouched with probability
   ``(1 - k/E)^N``; the expected number of distinct experts touched is ``E * (1 - (1 - k/E)^N)``.
-- Speculative decoding with per-token acceptance ``a`` and draft length ``g``: the target verifies g drafts and
-  commits the accepted prefix plus one token of its own, ``(1 - a^(g+1)) / (1 - a)`` tokens in expectation
-  (``g + 1`` at ``a = 1``).
+- Speculative decoding, draft length ``g``: the target verifies g drafts and commits the accepted prefix ``n`` plus
+  one token of its own, ``E[n + 1] = 1 + sum_i P(n >= i)`` tokens in expectation. ``P(n >= i)`` is either the
+  one-parameter model ``a^i`` (per-token acceptance ``a``: ``(1 - a^(g+1)) / (1 - a)`` tokens, ``g + 1`` at
+  ``a = 1``) or a measured curve (``curve[i - 1] = P(n >= i)`` for i = 1..G, a calibration's ``acceptance_curve``);
+  past G the curve goes on geometrically at its tail's ratio (``tail_ratio``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 
@@ -31,10 +34,39 @@ def rows_per_touched_expert(num_experts: int, top_k: int, routed_tokens: float) 
     return routed_tokens * top_k / touched if touched else 0.0
 
 
-def expected_tokens_per_seq(acceptance: float | None, draft_len: int) -> float:
-    """Expected tokens one sequence commits per verification: ``(1 - a^(g+1)) / (1 - a)``; 1 without drafts."""
+def tail_ratio(curve: Sequence[float]) -> float:
+    """The geometric model fitted to a measured curve's tail: the mean per-position ratio ``P(n >= i) / P(n >= i-1)``
+    over its second half, ``(P(n >= G) / P(n >= h))^(1 / (G - h))`` with ``h = G // 2`` (``P(n >= 0) = 1``)."""
+    g = len(curve)
+    h = g // 2
+    top = curve[h - 1] if h else 1.0
+    return (curve[-1] / top) ** (1.0 / (g - h)) if top > 0 and curve[-1] > 0 else 0.0
+
+
+def survival(acceptance: float | None, draft_len: int, curve: Sequence[float] | None = None) -> list[float]:
+    """``P(n >= i)`` for i = 1..g: the measured ``curve`` where it reaches, extended past it by ``tail_ratio``;
+    without one, ``a^i``."""
+    if draft_len <= 0:
+        return []
+    if curve:
+        out = list(curve[:draft_len])
+        r = tail_ratio(curve)
+        while len(out) < draft_len:
+            out.append(out[-1] * r)
+        return out
+    if acceptance is None:
+        raise ValueError("a speculative round needs an acceptance")
+    a = float(acceptance)
+    return [a**i for i in range(1, draft_len + 1)]
+
+
+def expected_tokens_per_seq(acceptance: float | None, draft_len: int, curve: Sequence[float] | None = None) -> float:
+    """Expected tokens one sequence commits per verification, ``1 + sum_i P(n >= i)`` (``survival``): with the
+    one-parameter model ``(1 - a^(g+1)) / (1 - a)``; 1 without drafts."""
     if draft_len <= 0:
         return 1.0
+    if curve:
+        return 1.0 + sum(survival(acceptance, draft_len, curve))
     if acceptance is None:
         raise ValueError("a speculative round needs an acceptance")
     a = float(acceptance)
@@ -43,30 +75,38 @@ def expected_tokens_per_seq(acceptance: float | None, draft_len: int) -> float:
     return (1.0 - a ** (draft_len + 1)) / (1.0 - a)
 
 
-def accepted_drafts_pmf(acceptance: float, draft_len: int) -> list[float]:
-    """P(j drafts accepted) for j = 0..g: ``a^j (1 - a)`` for j < g and ``a^g`` for j = g."""
-    a = float(acceptance)
+def accepted_drafts_pmf(acceptance: float | None, draft_len: int, curve: Sequence[float] | None = None) -> list[float]:
+    """P(j drafts accepted) for j = 0..g: ``P(n >= j) - P(n >= j + 1)``, the last ``P(n >= g)``; with the
+    one-parameter model ``a^j (1 - a)`` for j < g and ``a^g`` for j = g."""
+    if curve:
+        s = [1.0, *survival(acceptance, draft_len, curve)]
+        return [max(0.0, s[j] - s[j + 1]) for j in range(draft_len)] + [s[draft_len]]
+    a = float(acceptance)  # type: ignore[arg-type]
     return [a**j * (1.0 - a) for j in range(draft_len)] + [a**draft_len]
 
 
-def expected_rounds(acceptance: float | None, draft_len: int, tokens: int, sequences: int) -> float:
+def expected_rounds(acceptance: float | None, draft_len: int, tokens: int, sequences: int,
+                    curve: Sequence[float] | None = None) -> float:
     """Expected rounds until every one of ``sequences`` sequences has committed ``tokens`` tokens: a batch keeps
     verifying until its slowest sequence is done, so this is E[max of the sequences' round counts], each round
     committing j + 1 tokens with ``accepted_drafts_pmf``. Exactly ``tokens`` without speculation."""
     if tokens <= 0:
         return 0.0
-    if draft_len <= 0 or acceptance is None or acceptance >= 1.0 or sequences <= 0:
-        per = expected_tokens_per_seq(acceptance, draft_len) if draft_len > 0 else 1.0
-        return math.ceil(tokens / per) if draft_len > 0 else float(tokens)
-    return _expected_max_rounds(round(float(acceptance), 12), draft_len, tokens, sequences)
+    if draft_len <= 0:
+        return float(tokens)
+    pmf = tuple(round(x, 12) for x in accepted_drafts_pmf(acceptance, draft_len, curve)) \
+        if curve or acceptance is not None else None
+    if pmf is None or pmf[-1] >= 1.0 or sequences <= 0:
+        return math.ceil(tokens / expected_tokens_per_seq(acceptance, draft_len, curve))
+    return _expected_max_rounds(pmf, tokens, sequences)
 
 
 @lru_cache(maxsize=4096)
-def _expected_max_rounds(a: float, g: int, tokens: int, sequences: int) -> float:
+def _expected_max_rounds(pmf: tuple[float, ...], tokens: int, sequences: int) -> float:
     import numpy as np
 
-    step = np.zeros(g + 2)
-    step[1:] = accepted_drafts_pmf(a, g)  # P(a round commits j + 1 tokens)
+    step = np.zeros(len(pmf) + 1)
+    step[1:] = pmf  # P(a round commits j + 1 tokens)
     # dist[t] = P(t tokens committed so far), with everything at or past `tokens` lumped into dist[tokens]
     dist = np.zeros(tokens + 1)
     dist[0] = 1.0

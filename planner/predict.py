@@ -44,7 +44,7 @@ def mean_decode_context(plan: Plan) -> int:
 
 def breakdown(plan: Plan) -> Breakdown:
     pol, wl, prof = plan.policy, plan.workload, plan.profile
-    per_seq = expected_tokens_per_seq(pol.acceptance, pol.draft_len)
+    per_seq = expected_tokens_per_seq(pol.acceptance, pol.draft_len, pol.acceptance_curve)
     context = mean_decode_context(plan)
     full = steady_state(decode_round(plan, context, folded=True), prof)
     first_prefill = steady_state(prefill_pass(plan, folded=True), prof)
@@ -76,7 +76,7 @@ def breakdown(plan: Plan) -> Breakdown:
             prefill_s += e.round_s
             charge(e, 1)
         e = est("round", seqs)
-        rounds = expected_rounds(pol.acceptance, pol.draft_len, wl.gen_len - 1, seqs)
+        rounds = expected_rounds(pol.acceptance, pol.draft_len, wl.gen_len - 1, seqs, pol.acceptance_curve)
         decode_s += rounds * e.round_s
         charge(e, rounds)
     total_s = prefill_s + decode_s

@@ -217,7 +217,7 @@ def decode_round(plan: Plan, context_len: int, num_seqs: int | None = None, fold
         draft_steps(plan, batch, context_len, seqs, builder=b)
         last = len(b.ops) - 1 if pol.speculative else None
         target_pass(plan, batch, context_len, pol.draft_len + 1, seqs, phase, after=last, builder=b, folded=folded)
-    tokens = pol.num_batches * seqs * expected_tokens_per_seq(pol.acceptance, pol.draft_len)
+    tokens = pol.num_batches * seqs * expected_tokens_per_seq(pol.acceptance, pol.draft_len, pol.acceptance_curve)
     return Program(tuple(b.ops), tokens, pol.num_batches * seqs, context_len, "round", _window(plan),
                    plan.policy.prefetch_depth, tuple(b.segments))
 

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import DraftSpec, LayerPlacement, ModelRef, Placement, Plan, Policy
 from specplan.planner.ask import Ask, Candidate
+from specplan.planner.expect import tail_ratio
 from specplan.planner.kinds import draft_tiers
 from specplan.planner.lp import FAMILIES, LPResult, PlacementLP
 from specplan.planner.rounding import integerise
@@ -73,7 +74,9 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
     policy = Policy(prefill_batch=s.prefill_batch, decode_batch=s.decode_batch, num_batches=s.num_batches,
                     draft_len=s.draft_len, attention_on=k.attention_on, experts_on=k.experts_on,  # type: ignore[arg-type]
                     expert_fetch=k.expert_fetch, prefetch_depth=k.prefetch_depth,  # type: ignore[arg-type]
-                    acceptance=cand.draft.acceptance if s.draft_len else None, weight_dtype=w, kv_dtype=kv)
+                    acceptance=cand.draft.acceptance if s.draft_len else None,
+                    acceptance_curve=list(cand.draft.curve) if s.draft_len and cand.draft.curve else None,
+                    weight_dtype=w, kv_dtype=kv)
     plan = Plan(created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), command=ask.command,
                 model=ModelRef(name=ask.model_name, path=ask.model_path, spec=ask.spec),
                 draft=cand.draft.spec if s.draft_len else DraftSpec(),
@@ -85,6 +88,11 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
     notes = []
     if s.draft_len:
         notes.append(f"acceptance {cand.draft.acceptance:g} for {cand.draft.label}: {cand.draft.source}")
+        curve = cand.draft.curve
+        if curve and s.draft_len > len(curve):
+            notes.append(f"draft length {s.draft_len} is past the measured curve (i <= {len(curve)}): P(n >= i) for "
+                         f"i > {len(curve)} extended by the geometric model fitted to its tail (ratio "
+                         f"{tail_ratio(curve):.3f} per position)")
     notes.append(f"weights in {w}, KV cache in {kv}; decode round costed at a KV length of {pred.decode_context_len}")
     return plan.model_copy(update={"prediction": pred.model_copy(update={"assumptions": notes})})
 

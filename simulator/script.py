@@ -151,7 +151,7 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
                     prev = (tail(add(templates.draft(b.index, context, n), prev, kind="draft", wave=wave,
                                      batch=b.index, round=rounds, seqs=n, context_len=context, tokens=0.0)),)
                 new = _commit(b.committed, active, gen_len=wl.gen_len, acceptance=pol.acceptance,
-                              draft_len=pol.draft_len, rng=rng)
+                              draft_len=pol.draft_len, rng=rng, curve=pol.acceptance_curve)
                 b.last_stage = add(templates.target(b.index, context, n), prev,
                                    kind="verify" if pol.speculative else "decode", wave=wave, batch=b.index,
                                    round=rounds, seqs=n, context_len=context, tokens=new)
@@ -163,13 +163,13 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
 
 
 def _commit(committed: np.ndarray, active: np.ndarray, *, gen_len: int, acceptance: float | None, draft_len: int,
-            rng: np.random.Generator | None) -> float:
+            rng: np.random.Generator | None, curve: list[float] | None = None) -> float:
     """Add one round's tokens to the active sequences (never past gen_len); return how many were added."""
     left = gen_len - committed[active]
     if rng is None:
-        got = np.full(left.shape, expected_tokens_per_seq(acceptance, draft_len))
+        got = np.full(left.shape, expected_tokens_per_seq(acceptance, draft_len, curve))
     elif draft_len:
-        got = rng.choice(draft_len + 1, size=left.shape, p=accepted_drafts_pmf(acceptance, draft_len)) + 1.0
+        got = rng.choice(draft_len + 1, size=left.shape, p=accepted_drafts_pmf(acceptance, draft_len, curve)) + 1.0
     else:
         got = np.ones(left.shape)
     new = np.minimum(got, left)

@@ -108,3 +108,24 @@ def test_validate_resumes_after_kill_9_with_every_finished_trial_intact(folders,
     rows = pd.read_csv(out / "validate.csv")
     assert len(rows) == 3 and (rows.trials == 2).all()
     assert json.loads((out / "summary.json").read_text())["plans"] == 3
+
+
+def test_validate_with_a_synthetic_acceptance_measures_the_cost_model_and_says_so(folders, tmp_path):
+    moe, dense = folders
+    profile = write_json(tmp_path / "cpu.json", cpu_profile())
+    out = tmp_path / "val"
+    args = ["validate", "--model", str(moe), "--vram", "0.01", "--profile", str(profile), "--draft", "none",
+            "--draft", str(dense), "--num-prompts", "3", "--gen-len", "5", "--plans", "3", "--reps", "1", "-o", str(out)]
+    r = CliRunner().invoke(main, [*args, "--synthetic-acceptance", "0.75"])
+    assert r.exit_code == 0, r.output
+    assert "NOT lossless" in r.output
+    rows = pd.read_csv(out / "validate.csv")
+    spec = rows[rows.draft_len > 0]
+    assert len(spec) and (spec.synthetic_acceptance == 0.75).all() and (spec.acceptance_assumed == 0.75).all()
+    assert rows[rows.draft_len == 0].synthetic_acceptance.isna().all()
+    assert rows.signed_error_cost_model_e2e.notna().all() and spec.signed_error_acceptance_model.notna().all()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["benchmark_mode"]["lossless"] is False and s["benchmark_mode"]["synthetic_acceptance"] == 0.75
+    assert not list(out.rglob("calibration.json"))
+    bad = CliRunner().invoke(main, [*args, "--synthetic-acceptance", "0.75", "--acceptance", "0.5"])
+    assert bad.exit_code == 2 and "drop --acceptance" in bad.output and len(bad.output.strip().splitlines()) == 1

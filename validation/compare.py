@@ -9,25 +9,30 @@ from __future__ import annotations
 from typing import Any
 
 from specplan.contracts.plan import Headroom, Plan, Prediction
-from specplan.engine.execute.results import measured, measured_workload
-from specplan.planner.expect import expected_tokens_per_seq
+from specplan.engine.execute.results import decode_routing, measured, measured_workload
+from specplan.planner.expect import expected_distinct_experts, expected_tokens_per_seq, survival
 from specplan.planner.predict import predict
 
 #: the predicted numbers that a measured run has too
 COMPARED = ("decode_tok_s", "e2e_tok_s", "ttft_s", "prefill_s", "decode_s", "total_s")
-#: the numbers compared again at the measured draft acceptance
+#: the numbers the cost model's error compares (the prediction at the measured acceptance and routing)
 AT_ACCEPTANCE = ("decode_tok_s", "e2e_tok_s")
+#: how result.json and the printed report mark a synthetic-acceptance run
+SYNTHETIC_NOTE = ("benchmark mode, NOT lossless: each proposal accepted with probability {a:g} by a seeded generator "
+                  "(--synthetic-acceptance), not by the target; the output is not the target's")
 
 
-def prediction_for(plan: Plan, out, acceptance: float | None = None) -> tuple[Prediction, str]:
+def prediction_for(plan: Plan, out, acceptance: float | None = None,
+                   curve: list[float] | None = None) -> tuple[Prediction, str]:
     """The planner's numbers for the workload that ran: the plan's own when it matches, else recomputed;
-    with ``acceptance``, recomputed at that draft acceptance (e.g. the measured one) instead of the plan's."""
+    with ``acceptance`` (and ``curve``, a per-position ``P(n >= i)``), recomputed at that draft acceptance (e.g. the
+    measured one) instead of the plan's."""
     wl = measured_workload(out)
     if plan.prediction is not None and wl == plan.workload and acceptance is None:
         return plan.prediction, "plan"
     update: dict[str, Any] = {"workload": wl, "prediction": None}
     if acceptance is not None:
-        update["policy"] = plan.policy.model_copy(update={"acceptance": acceptance})
+        update["policy"] = plan.policy.model_copy(update={"acceptance": acceptance, "acceptance_curve": curve})
     return predict(plan.model_copy(update=update)), "planner (for the measured workload)"
 
 
@@ -39,17 +44,67 @@ def simulated_for(plan: Plan, out, seed: int = 0):
 
 
 def acceptance_report(plan: Plan, out) -> dict[str, Any] | None:
-    """Speculative runs: the assumed and the measured per-token acceptance, and tokens per verification."""
+    """Speculative runs: the assumed and the measured acceptance (per-token ``a`` and the per-position curve
+    ``P(n >= i)``), and tokens per sequence and verification, expected (the planner's) and measured."""
     if not plan.policy.speculative:
         return None
-    acc, g = out.stats.acceptance, plan.policy.draft_len
-    return {"assumed": plan.policy.acceptance, "measured": acc.per_token, "draft_len": g,
-            "proposed_tokens": acc.proposed, "accepted_tokens": acc.accepted, "sequence_rounds": acc.rounds,
-            "tokens_per_seq_round_measured": acc.tokens_per_round,
-            "tokens_per_seq_round_expected": expected_tokens_per_seq(plan.policy.acceptance, g),
-            "tokens_per_seq_round_expected_at_measured": (expected_tokens_per_seq(acc.per_token, g)
-                                                          if acc.per_token is not None else None),
-            "accepted_histogram": {str(n): c for n, c in sorted(acc.histogram.items())}}
+    acc, pol = out.stats.acceptance, plan.policy
+    g = pol.draft_len
+    report = {"assumed": pol.acceptance, "measured": acc.per_token, "draft_len": g,
+              "assumed_model": "measured curve" if pol.acceptance_curve else "one-parameter a^i",
+              "assumed_curve": survival(pol.acceptance, g, pol.acceptance_curve), "measured_curve": acc.survival,
+              "proposed_tokens": acc.proposed, "accepted_tokens": acc.accepted, "sequence_rounds": acc.rounds,
+              "tokens_per_seq_round_measured": acc.tokens_per_round,
+              "tokens_per_seq_round_expected": expected_tokens_per_seq(pol.acceptance, g, pol.acceptance_curve),
+              "tokens_per_seq_round_expected_at_measured": (expected_tokens_per_seq(acc.per_token, g)
+                                                            if acc.per_token is not None else None),
+              "accepted_histogram": {str(n): c for n, c in sorted(acc.histogram.items())}}
+    synthetic = out.timeline.meta.get("synthetic_acceptance")
+    if synthetic is not None:
+        report["synthetic_acceptance"] = synthetic
+    return report
+
+
+def routing_report(plan: Plan, out) -> dict[str, Any] | None:
+    """MoE targets: distinct experts per target layer pass in decode, measured (``decode_routing``) and expected
+    under uniform routing for the same routed rows (``expected_distinct_experts``)."""
+    r = decode_routing(plan, out.timeline)
+    if r is None:
+        return None
+    spec = plan.model.spec
+    expected = sum(expected_distinct_experts(spec.num_experts, spec.experts_per_token, n)
+                   for n in r["routed_rows"]) / r["layer_passes"]
+    measured_ = r["distinct_experts_per_layer_pass"]
+    return {"layer_passes": r["layer_passes"], "routed_rows_mean": sum(r["routed_rows"]) / r["layer_passes"],
+            "distinct_experts_per_layer_pass_measured": measured_,
+            "distinct_experts_per_layer_pass_expected": expected, "signed_error": signed_error(expected, measured_)}
+
+
+def errors(plan: Plan, out, pred: Prediction, meas: dict[str, Any], acc: dict[str, Any] | None,
+           routing: dict[str, Any] | None) -> dict[str, Any]:
+    """The two errors apart. The cost model's: the prediction recomputed at the measured acceptance (the run's own
+    curve ``P(n >= i)``, so its expected tokens per round are the measured ones) against the measured throughput,
+    with the routing's error next to it (the prediction assumes uniform routing). The acceptance model's: the
+    planner's expected tokens per sequence and round against the measured. ``pred``: the prediction for the
+    workload that ran (``prediction_for``), the cost model's own without a draft."""
+    if acc is None:  # no draft: nothing to substitute, the prediction's error is the cost model's
+        at_note, acceptance = "no draft", None
+    elif acc["measured"] is None:
+        return {"cost_model": None, "acceptance_model": None, "routing": routing}
+    else:
+        pred, _ = prediction_for(plan, out, acc["measured"], acc["measured_curve"])
+        at_note = (f"the measured acceptance curve P(n >= i), i = 1..{acc['draft_len']} "
+                   f"({acc['tokens_per_seq_round_measured']:.3f} tokens per sequence and round)")
+        acceptance = {"model": acc["assumed_model"],
+                      "tokens_per_seq_round_expected": acc["tokens_per_seq_round_expected"],
+                      "tokens_per_seq_round_measured": acc["tokens_per_seq_round_measured"],
+                      "signed_error": signed_error(acc["tokens_per_seq_round_expected"],
+                                                   acc["tokens_per_seq_round_measured"])}
+    cost = {"predicted_at": at_note, **{f"predicted_{k}": getattr(pred, k) for k in AT_ACCEPTANCE},
+            **{f"measured_{k}": meas[k] for k in AT_ACCEPTANCE},
+            "signed_error": {k: signed_error(getattr(pred, k), meas[k]) for k in AT_ACCEPTANCE},
+            "routing": "uniform routing assumed; the measured is reported apart (errors.routing)" if routing else None}
+    return {"cost_model": cost, "acceptance_model": acceptance, "routing": routing}
 
 
 def signed_error(pred: float | None, meas: float | None) -> float | None:
@@ -104,9 +159,9 @@ def comparison(plan: Plan, out) -> dict[str, Any]:
     acc = acceptance_report(plan, out)
     if acc is not None:
         result["acceptance"] = acc
-        if acc["measured"] is not None:
-            at, _ = prediction_for(plan, out, acc["measured"])
-            result["predicted_at_measured_acceptance"] = {k: getattr(at, k) for k in AT_ACCEPTANCE}
-            result["signed_error_at_measured_acceptance"] = {
-                k: signed_error(getattr(at, k), meas[k]) for k in AT_ACCEPTANCE}
+    result["errors"] = errors(plan, out, pred, meas, acc, routing_report(plan, out))
+    synthetic = m.get("synthetic_acceptance")
+    if synthetic is not None:
+        result["benchmark_mode"] = {"synthetic_acceptance": synthetic, "lossless": False,
+                                    "note": SYNTHETIC_NOTE.format(a=synthetic)}
     return result

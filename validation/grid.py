@@ -24,6 +24,7 @@ from pathlib import Path
 from specplan.contracts.plan import Plan, Workload
 from specplan.errors import SpecplanError
 from specplan.jsonio import write_atomic, write_json
+from specplan.validation.compare import SYNTHETIC_NOTE
 from specplan.validation.runs import FIXED_LENGTH, FIXED_LENGTH_WORKLOAD, plan_id
 from specplan.validation.trials import Contender, Trial, run_trials, spread
 
@@ -79,9 +80,11 @@ def spanning_grid(searched: dict[float, list[Plan]], limit: int) -> list[GridPla
 def run_grid(model: str, vrams: tuple[float, ...], profile_arg: str | None, drafts: tuple[str, ...],
              acceptance: float | None, calibration: str | None, prompts_file: str | None, num_prompts: int,
              gen_len: int, max_plans: int, out_dir: str | Path, reps: int = 3,
-             say: Callable[[str], None] = print) -> GridReport:
+             say: Callable[[str], None] = print, synthetic_acceptance: float | None = None) -> GridReport:
     """Search the model at each budget of ``vrams`` (GiB), run the grid's plans on its weights (``reps`` trials
-    each, fresh processes, interleaved) and write plan<i>.json, validate.csv, trials.csv and summary.json."""
+    each, fresh processes, interleaved) and write plan<i>.json, validate.csv, trials.csv and summary.json.
+    ``synthetic_acceptance`` A (a benchmark mode, not lossless): the plans assume A and their speculative runs
+    accept each proposal with probability A, so the grid measures the cost model alone."""
     from specplan.catalog import model_config_path
     from specplan.engine.model.checkpoint import open_checkpoint
     from specplan.gguf import refuse_gguf_weights
@@ -89,6 +92,13 @@ def run_grid(model: str, vrams: tuple[float, ...], profile_arg: str | None, draf
     from specplan.planner.search import search
     from specplan.validation.runs import encode_prompts, prompt_format, read_prompts
 
+    if synthetic_acceptance is not None:
+        if not 0.0 < synthetic_acceptance <= 1.0:
+            raise SpecplanError(f"--synthetic-acceptance must lie in (0, 1], got {synthetic_acceptance:g}")
+        if acceptance is not None or calibration is not None:
+            raise SpecplanError("--synthetic-acceptance fixes the acceptance the plans assume and the runs draw; "
+                                "drop --acceptance and --calibration")
+        acceptance = synthetic_acceptance
     refuse_gguf_weights(model_config_path(model), "--model")
     folder = model_config_path(model).parent
     if not any(folder.glob("*.safetensors")):
@@ -107,11 +117,13 @@ def run_grid(model: str, vrams: tuple[float, ...], profile_arg: str | None, draf
                             "budget (--vram)")
     out = Path(out_dir)
     prompts = write_atomic(out / "prompts.txt", "\n".join(texts) + "\n")
-    contenders = [Contender(f"plan{i}", write_json(out / f"plan{i}.json", g.plan), out / f"plan{i}")
+    contenders = [Contender(f"plan{i}", write_json(out / f"plan{i}.json", g.plan), out / f"plan{i}",
+                            synthetic_acceptance if g.plan.policy.speculative else None)
                   for i, g in enumerate(chosen)]
     say(f"validating {len(chosen)} plans of {ask.spec.name} on {ask.profile.name} at "
         f"{', '.join(f'{v:g}' for v in searched)} GiB: {num_prompts} prompts ({prompt_format(tok)}) x {gen_len} "
-        f"tokens, {FIXED_LENGTH_WORKLOAD}; each plan {reps} times, each time in its own fresh process, interleaved")
+        f"tokens, {FIXED_LENGTH_WORKLOAD}; each plan {reps} times, each time in its own fresh process, interleaved"
+        + (f"; {SYNTHETIC_NOTE.format(a=synthetic_acceptance)}" if synthetic_acceptance is not None else ""))
 
     def written(trials: list[Trial]) -> None:  # after every trial, atomically: a kill loses no finished trial
         write_atomic(out / "trials.csv", table([trial_row(t) for t in trials]).to_csv(index=False))
@@ -122,6 +134,9 @@ def run_grid(model: str, vrams: tuple[float, ...], profile_arg: str | None, draf
     summary = {**summarise(rows), "reps": reps, "stop": FIXED_LENGTH, "prompt_format": prompt_format(tok),
                "method": f"each plan in its own fresh process (`specplan run --fixed-length`), interleaved, {reps} "
                          f"repetitions; medians"}
+    if synthetic_acceptance is not None:
+        summary["benchmark_mode"] = {"synthetic_acceptance": synthetic_acceptance, "lossless": False,
+                                     "note": SYNTHETIC_NOTE.format(a=synthetic_acceptance)}
     return GridReport(rows, summary, [out / "validate.csv", out / "trials.csv",
                                       write_json(out / "summary.json", summary)])
 
@@ -167,6 +182,12 @@ def row(i: int, g: GridPlan, trials: list[Trial]) -> dict:
               f"measured_{what}_max_tok_s": meas["max"], f"predicted_{key}": pred, f"simulated_{key}": sim_value,
               f"signed_error_predicted_{what}": (pred - meas["median"]) / meas["median"],
               f"signed_error_simulated_{what}": (sim_value - meas["median"]) / meas["median"]}
+    costs = [(t.report.get("errors") or {}).get("cost_model") for t in trials]
+    r["signed_error_cost_model_e2e"] = median_of([c["signed_error"]["e2e_tok_s"] if c else None for c in costs])
+    r["signed_error_cost_model_decode"] = median_of([c["signed_error"]["decode_tok_s"] if c else None for c in costs])
+    accs = [(t.report.get("errors") or {}).get("acceptance_model") for t in trials]
+    r["signed_error_acceptance_model"] = median_of([a["signed_error"] if a else None for a in accs])
+    r["synthetic_acceptance"] = (first.get("acceptance") or {}).get("synthetic_acceptance")
     for res in ("disk_read", "device_compute"):
         r[f"measured_{res}_busy_s"] = statistics.median(t.report["measured"]["busy_s"].get(res, 0.0) for t in trials)
         r[f"predicted_{res}_busy_s"] = first["predicted"]["busy_s"].get(res, 0.0)

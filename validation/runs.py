@@ -52,10 +52,25 @@ def at_dtype(plan: Plan, dtype: str) -> Plan:
     return plan.model_copy(update={"prediction": predict(plan)})
 
 
-def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool, raw: bool = False) -> str:
-    """A run's identity: its plan (``plan_id``), its prompts in order, the tokens asked for, the stop rule and
-    whether the prompts went in raw (``--raw``) or in the tokenizer's chat template."""
+def at_synthetic_acceptance(plan: Plan, acceptance: float) -> Plan:
+    """The plan a synthetic-acceptance run is compared with: its acceptance the synthetic one (each proposal
+    accepted with that probability is exactly the one-parameter model), its prediction recomputed for it."""
+    from specplan.planner.predict import predict
+
+    if not plan.policy.speculative:
+        raise SpecplanError("--synthetic-acceptance needs a speculative plan (one with a draft); this plan has none")
+    policy = plan.policy.model_copy(update={"acceptance": acceptance, "acceptance_curve": None})
+    plan = plan.model_copy(update={"policy": policy, "prediction": None})
+    return plan.model_copy(update={"prediction": predict(plan)})
+
+
+def run_id(plan: Plan, texts: list[str], new_tokens: int, stop_at_eos: bool, raw: bool = False,
+           synthetic_acceptance: float | None = None) -> str:
+    """A run's identity: its plan (``plan_id``), its prompts in order, the tokens asked for, the stop rule,
+    whether the prompts went in raw (``--raw``) or in the tokenizer's chat template, and a synthetic acceptance."""
     body = [plan_id(plan), texts, new_tokens, stop_at_eos, "raw" if raw else "chat template"]
+    if synthetic_acceptance is not None:
+        body.append(synthetic_acceptance)
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
 
@@ -169,12 +184,14 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
                   prompts_file: str | Path | None = None, max_new_tokens: int | None = None,
                   num_prompts: int | None = None, stop_at_eos: bool = False, raw: bool = False,
                   out_dir: str | Path | None = None, resume: bool = False, sampling: Sampling | None = None,
-                  dtype: str | None = None) -> RunReport:
+                  dtype: str | None = None, synthetic_acceptance: float | None = None) -> RunReport:
     """Run PLAN.json on its model (the plan's workload unless ``max_new_tokens`` / ``num_prompts`` say otherwise,
     prompts repeated to ``num_prompts``), compare with the prediction and write the result files. ``stop_at_eos``
     False: the fixed-length (benchmark) workload the prediction assumes; ``raw``: prompts without the chat template
     (``encode_prompts``). ``resume``: a finished run of the same plan, prompts, length, stop rule and prompt format
-    in ``out_dir`` is returned as it is (``RunReport.reused``)."""
+    in ``out_dir`` is returned as it is (``RunReport.reused``). ``synthetic_acceptance`` A: a benchmark mode, not
+    lossless: each proposal accepted with probability A (``at_synthetic_acceptance``); every output says so and no
+    calibration.json is written."""
     from specplan.engine.execute.runtime import refuse_speculative
 
     plan = load(Plan, existing_file(plan_file, "plan"))
@@ -182,17 +199,22 @@ def run_plan_file(plan_file: str | Path, *, model_dir: str | None = None, draft_
         plan = plan.model_copy(update={"workload": plan.workload.model_copy(update={"sampling": sampling})})
     if dtype is not None and dtype != plan.policy.weight_dtype:  # re-costed at that dtype: the prediction follows
         plan = at_dtype(plan, dtype)
+    if synthetic_acceptance is not None:
+        if not 0.0 < synthetic_acceptance <= 1.0:
+            raise SpecplanError(f"--synthetic-acceptance must lie in (0, 1], got {synthetic_acceptance:g}")
+        plan = at_synthetic_acceptance(plan, synthetic_acceptance)
     refuse_speculative(plan)
     texts, distinct, new_tokens = workload_of(plan, prompts_file, num_prompts, max_new_tokens)
     stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
     out = Path(out_dir) if out_dir else Path("results") / f"{Path(plan_file).stem}-{stamp}"
     if out.exists() and not out.is_dir():
         raise SpecplanError(f"{out}: exists and is not a folder; pass -o with a folder")
-    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos, raw)) if resume else None
+    rid = run_id(plan, texts, new_tokens, stop_at_eos, raw, synthetic_acceptance)
+    done = finished_run(plan, out, rid) if resume else None
     if done is not None:
         return done
     ckpt = open_model(plan, model_dir)
-    return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir, raw)
+    return _run(plan, ckpt, texts, distinct, new_tokens, stop_at_eos, out, draft_dir, raw, synthetic_acceptance)
 
 
 def workload_of(plan: Plan, prompts_file: str | Path | None, num_prompts: int | None,
@@ -206,17 +228,19 @@ def workload_of(plan: Plan, prompts_file: str | Path | None, num_prompts: int | 
 
 
 def find_finished(plan_file: str | Path, prompts_file: str | Path | None, num_prompts: int | None,
-                  max_new_tokens: int | None, out: Path) -> dict | None:
+                  max_new_tokens: int | None, out: Path, synthetic_acceptance: float | None = None) -> dict | None:
     """The result.json body of the fixed-length run ``specplan run PLAN --fixed-length`` with these options
-    finished in ``out`` (same plan, prompts and length), else None."""
+    finished in ``out`` (same plan, prompts, length and synthetic acceptance), else None."""
     plan = load(Plan, existing_file(plan_file, "plan"))
+    if synthetic_acceptance is not None:
+        plan = at_synthetic_acceptance(plan, synthetic_acceptance)
     texts, _, new_tokens = workload_of(plan, prompts_file, num_prompts, max_new_tokens)
-    done = finished_run(plan, out, run_id(plan, texts, new_tokens, stop_at_eos=False))
+    done = finished_run(plan, out, run_id(plan, texts, new_tokens, False, False, synthetic_acceptance))
     return None if done is None else done.report
 
 
 def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, stop_at_eos: bool, out: Path,
-         draft_dir: str | None, raw: bool = False) -> RunReport:
+         draft_dir: str | None, raw: bool = False, synthetic_acceptance: float | None = None) -> RunReport:
     from tqdm import tqdm
 
     from specplan.engine.execute.runtime import run_plan
@@ -236,10 +260,11 @@ def _run(plan: Plan, ckpt, texts: list[str], distinct: int, new_tokens: int, sto
             conv.update(n)
 
         result = run_plan(plan, ckpt, prompts, new_tokens, stop_at_eos=stop_at_eos, eos_ids=eos,
-                          on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir)
+                          on_tokens=bar.update, on_convert=on_convert, draft_dir=draft_dir,
+                          synthetic_acceptance=synthetic_acceptance)
     report = comparison(plan, result)
     report["prompts_distinct"] = distinct
-    report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos, raw)
+    report["run_id"] = run_id(plan, texts, new_tokens, stop_at_eos, raw, synthetic_acceptance)
     report["sampling"] = plan.workload.sampling.model_dump()
     report["stop"] = STOP_AT_EOS if stop_at_eos else FIXED_LENGTH
     report["prompt_format"] = prompt_format(tok, raw)
@@ -272,17 +297,23 @@ def write_run(out: Path, plan: Plan, result, report: dict, texts: list[str], tok
     from specplan.trace import write_chrome_trace, write_gantt_png, write_timeline
 
     stopped = stopped or [False] * len(result.seqs)
+    mode = report.get("benchmark_mode")
+    marked = {"benchmark_mode": mode["note"]} if mode else {}  # a synthetic-acceptance answer is not the target's
     rows = [json.dumps({"index": s.index, "prompt": texts[s.index], "prompt_sent": tok.decode(s.prompt),
                         "prompt_tokens": len(s.prompt),
                         "generated_text": tok.decode(s.generated, skip_special_tokens=True),
                         "token_ids": s.generated, "generated_tokens": len(s.generated),
-                        "stopped_at_eos": stop}, ensure_ascii=False) for s, stop in zip(result.seqs, stopped)]
+                        "stopped_at_eos": stop, **marked}, ensure_ascii=False) for s, stop in zip(result.seqs, stopped)]
     pol = plan.policy
     title = (f"measured {plan.model.name}: {len(result.seqs)} prompts x {tokens_label(report['workload'])}, "
-             f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}")
+             f"{pol.num_batches} x {pol.decode_batch} sequences, prefetch depth {pol.prefetch_depth}"
+             + (f" [synthetic acceptance {mode['synthetic_acceptance']:g}: benchmark mode, not lossless]"
+                if mode else ""))
     written = []
     acc = report.get("acceptance")
-    if acc is not None and acc["measured"] is not None:
+    if mode is not None:  # never a calibration from a synthetic acceptance, nor an earlier one left beside it
+        (out / "calibration.json").unlink(missing_ok=True)
+    elif acc is not None and acc["measured"] is not None:
         written.append(write_json(out / "calibration.json", calibration_of(plan, acc, out)))
     (out / "result.json").unlink(missing_ok=True)  # a run killed while writing is not taken for a finished one
     files = [write_atomic(out / "outputs.jsonl", "\n".join(rows) + "\n"),
@@ -305,6 +336,8 @@ def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
     rec = AcceptanceRecord(draft=plan.draft.label, target=plan.model.name, per_token_acceptance_mle=acc["measured"],
                            accepted_fraction=accepted / proposed if proposed else None,
                            proposed_tokens=proposed or None, accepted_tokens=accepted if proposed else None,
+                           acceptance_curve=acc.get("measured_curve"),
+                           curve_sequence_rounds=acc["sequence_rounds"] if acc.get("measured_curve") else None,
                            source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
                                   f"{acc['draft_len']} proposals, "
                                   + ("greedy verification" if plan.workload.sampling.greedy else

@@ -25,6 +25,9 @@ def show_run(plan, r: dict) -> None:
               f"{wl['prompt_len_max']}; the plan assumed {wl['planned_prompt_len']}); {fmt}stop: {r['stop']}; "
               f"compute {r['compute_dtype']}; disk reads "
               + ("none" if r["o_direct"] is None else "O_DIRECT" if r["o_direct"] else "buffered + fadvise(DONTNEED)"))
+    mode = r.get("benchmark_mode")
+    if mode is not None:
+        out.print(f"[bold red]{mode['note']}[/bold red]")
     if wl.get("generated_tokens_mean", wl["gen_len"]) < wl["gen_len"]:
         out.print(f"{r.get('stopped_at_eos', 0)} of {wl['num_prompts']} sequences stopped at EOS: the prediction "
                   f"assumes {wl['gen_len']} tokens each (fixed length), so it is not like for like; --fixed-length "
@@ -62,17 +65,13 @@ def show_run(plan, r: dict) -> None:
         measured = "-" if acc["measured"] is None else f"{acc['measured']:.3f}"
         frac = (f"{acc['accepted_tokens']} of {acc['proposed_tokens']} proposals accepted (accepted fraction "
                 f"{acc['accepted_tokens'] / acc['proposed_tokens']:.3f})" if acc["proposed_tokens"] else "none proposed")
-        line = (f"per-token draft acceptance a (of E[tokens/round] = (1 - a^(g+1)) / (1 - a); measured: its maximum-"
-                f"likelihood estimate): assumed {acc['assumed']:.3f}, measured {measured} over "
-                f"{acc['sequence_rounds']} sequence-rounds of {acc['draft_len']} proposals, {frac}; tokens per sequence and "
-                f"verification: measured {acc['tokens_per_seq_round_measured'] or 0:.2f}, expected "
-                f"{acc['tokens_per_seq_round_expected']:.2f} at the assumed acceptance")
-        at = r.get("predicted_at_measured_acceptance")
-        if at is not None:
-            e = r["signed_error_at_measured_acceptance"]["decode_tok_s"]
-            line += (f", {acc['tokens_per_seq_round_expected_at_measured']:.2f} at the measured one; predicted at "
-                     f"the measured acceptance: {at['decode_tok_s']:.2f} tok/s decode-only ({e:+.1%})")
-        out.print(line)
+        out.print(f"draft acceptance: per-token a (maximum-likelihood estimate) assumed {acc['assumed']:.3f} "
+                  f"({acc['assumed_model']}), measured {measured} over {acc['sequence_rounds']} sequence-rounds of "
+                  f"{acc['draft_len']} proposals, {frac}")
+        if acc["measured_curve"] is not None:
+            out.print("P(n >= i), i = 1..g: assumed " + _curve(acc["assumed_curve"]) + "; measured "
+                      + _curve(acc["measured_curve"]))
+    show_errors(r)
     caps = r["capacity_bytes"]
     out.print("peak resident bytes (allocated): " + "; ".join(
         f"{tier} {human_bytes(v)}" + (f" of {human_bytes(caps[tier])}" if caps.get(tier) else "")
@@ -136,6 +135,40 @@ def show_drift(d: dict) -> None:
         con.print(line, highlight=False, markup=False)
 
 
+def _curve(values: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in values)
+
+
+def show_errors(r: dict) -> None:
+    """The cost model's error (prediction at the measured acceptance) apart from the acceptance model's (expected
+    vs measured tokens per round) and the routing's."""
+    from specplan.fmt import console
+
+    out = console()
+    e = r.get("errors") or {}
+    cost, acc, routing = e.get("cost_model"), e.get("acceptance_model"), e.get("routing")
+    if cost is not None:
+        se = cost["signed_error"]
+        out.print(f"cost model's error (predicted at {cost['predicted_at']}): decode-only "
+                  f"{cost['predicted_decode_tok_s']:.2f} predicted vs {cost['measured_decode_tok_s']:.2f} tok/s "
+                  f"measured ({_pct(se['decode_tok_s'])}), end-to-end {cost['predicted_e2e_tok_s']:.2f} vs "
+                  f"{cost['measured_e2e_tok_s']:.2f} ({_pct(se['e2e_tok_s'])})")
+    if acc is not None:
+        out.print(f"acceptance model's error ({acc['model']}): tokens per sequence and verification expected "
+                  f"{acc['tokens_per_seq_round_expected']:.3f}, measured {acc['tokens_per_seq_round_measured']:.3f} "
+                  f"({_pct(acc['signed_error'])})")
+    if routing is not None:
+        out.print(f"routing: distinct experts per MoE layer pass in decode expected "
+                  f"{routing['distinct_experts_per_layer_pass_expected']:.2f} (uniform routing, "
+                  f"{routing['routed_rows_mean']:.1f} routed rows mean), measured "
+                  f"{routing['distinct_experts_per_layer_pass_measured']:.2f} ({_pct(routing['signed_error'])}) over "
+                  f"{routing['layer_passes']} layer passes")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
 def show_grid(rows: list[dict], s: dict) -> None:
     """The validate grid's table (``grid.row``: medians of each plan's trials) and its summary (``grid.summarise``)."""
     from rich.table import Table
@@ -144,7 +177,7 @@ def show_grid(rows: list[dict], s: dict) -> None:
 
     t = Table(title="end-to-end throughput (tok/s): predicted, simulated, measured (median, min..max of the trials)")
     for col in ("plan", "GiB", "resident", "draft", "batches", "attn", "fetch", "predicted", "simulated", "measured",
-                "pred err", "sim err", "decode pred err"):
+                "pred err", "sim err", "decode pred err", "cost model err", "acceptance err"):
         t.add_column(col, justify="left" if col in ("draft", "fetch", "attn") else "right")
     for r in rows:
         t.add_row(f"{r['plan']}{' (chosen)' if r['chosen'] else ''}", f"{r['vram_gib']:g}",
@@ -153,7 +186,8 @@ def show_grid(rows: list[dict], s: dict) -> None:
                   f"{r['predicted_e2e_tok_s']:.2f}", f"{r['simulated_e2e_tok_s']:.2f}",
                   f"{r['measured_e2e_tok_s']:.2f} ({r['measured_e2e_min_tok_s']:.2f}..{r['measured_e2e_max_tok_s']:.2f})",
                   f"{r['signed_error_predicted_e2e']:+.1%}", f"{r['signed_error_simulated_e2e']:+.1%}",
-                  f"{r['signed_error_predicted_decode']:+.1%}")
+                  f"{r['signed_error_predicted_decode']:+.1%}", _pct(r.get("signed_error_cost_model_e2e")),
+                  _pct(r.get("signed_error_acceptance_model")))
     con = console()
     con.print(t)
     for what, label in (("e2e", "end-to-end"), ("decode", "decode-only")):

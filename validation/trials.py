@@ -36,6 +36,8 @@ class Contender:
     name: str
     plan_file: Path
     folder: Path  # the trials go to folder/rep1, folder/rep2, ...
+    #: a benchmark mode, not lossless: ``specplan run --synthetic-acceptance A`` (speculative plans only)
+    synthetic_acceptance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,13 @@ def rep_folder(folder: Path, rep: int) -> Path:
 
 
 def run_fresh(plan_file: Path, prompts_file: Path, num_prompts: int | None, folder: Path,
-              gen_len: int | None = None) -> tuple[dict, float | None]:
+              gen_len: int | None = None, synthetic_acceptance: float | None = None) -> tuple[dict, float | None]:
     """``specplan run PLAN --fixed-length`` in a fresh Python process, its printout to ``folder/run.log``;
     (its result.json, the share of the CPUs other processes took while it ran)."""
     cmd = [sys.executable, "-m", "specplan", "run", str(plan_file), "--fixed-length", "--prompts", str(prompts_file),
            "-o", str(folder), *(("--num-prompts", str(num_prompts)) if num_prompts else ()),
-           *(("--max-new-tokens", str(gen_len)) if gen_len else ())]
+           *(("--max-new-tokens", str(gen_len)) if gen_len else ()),
+           *(("--synthetic-acceptance", repr(synthetic_acceptance)) if synthetic_acceptance is not None else ())]
     folder.mkdir(parents=True, exist_ok=True)
     usage = CpuUsage()
     with open(folder / "run.log", "w") as log:
@@ -86,7 +89,8 @@ def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int
     for rep in range(1, reps + 1):
         for c in contenders:
             folder = rep_folder(c.folder, rep)
-            kept = find_finished(c.plan_file, prompts_file, num_prompts, gen_len, folder) if resume else None
+            kept = (find_finished(c.plan_file, prompts_file, num_prompts, gen_len, folder, c.synthetic_acceptance)
+                    if resume else None)
             if kept is not None:
                 trials.append(Trial(c.name, rep, folder, kept, kept_others(folder), reused=True))
                 say(f"kept {c.name} trial {rep}/{reps} ({folder}): {trial_line(kept)}")
@@ -94,7 +98,8 @@ def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int
                     on_trial(trials)
                 continue
             for attempt in range(1, attempts + 1):
-                report, others = run_fresh(c.plan_file, prompts_file, num_prompts, folder, gen_len)
+                report, others = run_fresh(c.plan_file, prompts_file, num_prompts, folder, gen_len,
+                                           c.synthetic_acceptance)
                 trial = Trial(c.name, rep, folder, report, others)
                 if not trial.contended:
                     break

@@ -79,7 +79,8 @@ class Executor:
     def __init__(self, plan: Plan, store, recorder, dtype: torch.dtype, kv_devices: Sequence[torch.device],
                  max_new_tokens: int, eos_ids: Sequence[int] = (), stop_at_eos: bool = False,
                  on_tokens: Callable[[int], None] | None = None, draft: DraftModel | None = None,
-                 draft_kv_device: torch.device | None = None, sampling: Sampling = Sampling()):
+                 draft_kv_device: torch.device | None = None, sampling: Sampling = Sampling(),
+                 synthetic_acceptance: float | None = None):
         if plan.policy.speculative and draft is None:
             raise ValueError("a speculative plan needs its draft model")
         self.plan, self.spec, self.store, self.recorder = plan, plan.model.spec, store, recorder
@@ -89,7 +90,7 @@ class Executor:
         self.max_new_tokens, self.eos = max_new_tokens, set(eos_ids) if stop_at_eos else set()
         self.on_tokens = on_tokens or (lambda n: None)
         self.stats = RunStats()
-        self.sampler = Sampler(sampling)
+        self.sampler = Sampler(sampling, synthetic_acceptance)  # synthetic: benchmark mode (``execute/sampling.py``)
         pol, pl = plan.policy, plan.placement
         self._attention_on = ["host_compute" if lp.kv_cache == "host" and pol.attention_on == "host"
                               else "device_compute" for lp in pl.layers]

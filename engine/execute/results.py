@@ -66,3 +66,32 @@ def measured(plan: Plan, out) -> dict[str, Any]:
         "prefill_passes": st.prefill_passes,
         "decode_passes": st.decode_passes,
     }
+
+
+#: the resources a forward's compute spans run on (reads and copies carry the names of what they move)
+COMPUTE = ("device_compute", "host_compute")
+
+
+def decode_routing(plan: Plan, timeline: Timeline) -> dict[str, Any] | None:
+    """MoE targets: the routing the decode passes measured, from the timeline's spans: per target MoE layer pass
+    (a ``L<i>.router`` compute span inside a decode phase, draft spans aside) its routed rows (the router's FLOPs over
+    its parameters) and the distinct experts it ran (the ``L<i>.E<e>`` compute spans: one per distinct expert and
+    pass; the reads of the same name are not counted).
+    None for a dense target or a run without decode passes."""
+    spec = plan.model.spec
+    if not spec.is_moe:
+        return None
+    windows = decode_windows(timeline)
+    rows, touched = [], 0
+    for e in timeline.events:
+        if (e.layer is None or e.resource not in COMPUTE or e.name.startswith("draft.")
+                or not any(lo <= e.start_s < hi for lo, hi in windows)):
+            continue
+        if e.name == f"L{e.layer}.router":
+            rows.append(round(e.flops / (2 * spec.tensors.matmul_params("norms_router", e.layer))))
+        elif e.name.startswith(f"L{e.layer}.E"):
+            touched += 1
+    if not rows:
+        return None
+    return {"layer_passes": len(rows), "routed_rows": rows, "distinct_experts": touched,
+            "distinct_experts_per_layer_pass": touched / len(rows)}

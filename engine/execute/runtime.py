@@ -111,11 +111,15 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None, stop_at_eos: bool = False,
              eos_ids: Sequence[int] = (), on_tokens: Callable[[int], None] | None = None,
              on_convert: Callable[[int], None] | None = None, draft_dir: str | None = None,
-             sampling: Sampling | None = None) -> RunOutput:
+             sampling: Sampling | None = None, synthetic_acceptance: float | None = None) -> RunOutput:
     """Run ``prompts`` (token ids) through ``plan`` on the weights of ``ckpt``, decoding as ``sampling`` says
     (default: the plan's workload), speculative with the plan's draft model (from ``draft_dir`` or the plan's draft
-    path) when the plan says so."""
+    path) when the plan says so. ``synthetic_acceptance`` A (speculative plans; a benchmark mode, not lossless):
+    each proposal is accepted with probability A from a seeded generator instead of by the target (the timeline's
+    meta says so)."""
     refuse_speculative(plan)
+    if synthetic_acceptance is not None and not plan.policy.speculative:
+        raise SpecplanError("a synthetic acceptance needs a speculative plan (one with a draft); this plan has none")
     device = torch.device(device)
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -149,7 +153,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
                            recorder)
     ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens, draft,
                   on[plan.placement.draft_kv] if draft is not None else None,
-                  sampling or plan.workload.sampling)
+                  sampling or plan.workload.sampling, synthetic_acceptance)
     t0 = time.perf_counter()
     try:
         seqs = ex.run([list(p) for p in prompts])
@@ -166,6 +170,8 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
                                    ("draft_kv", plan.placement.draft_kv, ex.stats.draft_kv_peak_bytes)):
             peak[tier][item] = nbytes
     meta = _meta(plan, ex.stats, seqs, max_new_tokens, dtype_name, direct)
+    if synthetic_acceptance is not None:
+        meta["synthetic_acceptance"] = synthetic_acceptance  # benchmark mode: not the target's own output
     return RunOutput(seqs, ex.stats, recorder.timeline(meta), need, peak, peak_rss_bytes(), wait, direct, wall,
                      layout, dtype_name)
 

@@ -8,6 +8,11 @@ from ``max(0, p - q)`` renormalised, and after ``g`` acceptances the bonus token
 the committed tokens are then distributed exactly as tokens sampled from the target alone (Leviathan et al. 2023,
 Chen et al. 2023). Every sequence draws from its own generator, seeded by the run's seed and its index, so a
 sequence's tokens repeat with the seed whatever batch it runs in.
+
+Synthetic acceptance (``synthetic``, a benchmark mode: vLLM's synthetic acceptance length, llama.cpp's
+``--spec-synth-len``): each proposal is accepted with probability ``A`` by a seeded coin of its own (one generator
+per sequence), whatever the target says; the committed tokens are the accepted proposals and the target's own
+token at the first rejection (or its bonus token). The output is then not the target's: it is not lossless.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ def processed(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 class Sampler:
     """Picks tokens for the sequences of a run, each with its own generator."""
 
-    def __init__(self, s: Sampling) -> None:
+    def __init__(self, s: Sampling, synthetic: float | None = None) -> None:
+        if synthetic is not None and not 0.0 < synthetic <= 1.0:
+            raise ValueError(f"a synthetic acceptance lies in (0, 1], got {synthetic}")
         self.s = s
+        self.synthetic = synthetic  # benchmark mode: the probability each proposal is accepted (None: lossless)
         self._gens: dict[int, torch.Generator] = {}
+        self._coins: dict[int, torch.Generator] = {}
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +66,25 @@ class Sampler:
 
     def uniform(self, seq: int) -> float:
         return float(torch.rand((), generator=self.gen(seq)))
+
+    def coin(self, seq: int) -> float:
+        """A uniform draw from sequence ``seq``'s synthetic-acceptance generator (apart from its token draws)."""
+        g = self._coins.get(seq)
+        if g is None:
+            g = torch.Generator().manual_seed((self.s.seed * 1_000_003 + seq + (1 << 40)) % (1 << 63))
+            self._coins[seq] = g
+        return float(torch.rand((), generator=g))
+
+    def synthetic_accept(self, proposals: Sequence[int], logits: torch.Tensor, seq: int) -> tuple[int, list[int]]:
+        """Synthetic acceptance of one sequence's ``g`` proposals: each accepted with probability ``synthetic`` until
+        the first rejection, then the target's token at that position (greedy, or drawn from its distribution),
+        from its ``logits`` [g + 1, vocab]: ``(n accepted, tokens to commit)``."""
+        n = 0
+        while n < len(proposals) and self.coin(seq) < self.synthetic:  # type: ignore[operator]
+            n += 1
+        row = logits[n:n + 1]
+        own = self.pick(row, [seq])[0][0]
+        return n, [*proposals[:n], own]
 
     def pick(self, logits: torch.Tensor, seqs: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
         """(one token per row of ``logits`` [rows, vocab], the rows' distributions or None when greedy)."""

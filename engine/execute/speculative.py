@@ -8,7 +8,8 @@ Per batch and round:
     verify   the target runs one pass over ``[last committed, d1 .. dg]`` (g + 1 tokens per sequence) and takes its
              greedy token at every position: ``t0 .. tg`` (sampling: its distribution ``p`` at every position)
     accept   per sequence, ``n`` = the number of leading proposals equal to the target's token before them
-             (``d(i+1) == t(i)``; sampling: each accepted with probability ``min(1, p/q)``); it commits ``d1 .. dn``
+             (``d(i+1) == t(i)``; sampling: each accepted with probability ``min(1, p/q)``; synthetic acceptance, a
+             benchmark mode that is not lossless: a seeded coin, ``Sampler.synthetic_accept``); it commits ``d1 .. dn``
              and then ``tn`` (the target's correction, or its bonus token when all ``g`` were accepted): ``n + 1``
              tokens, ragged over the batch
     rollback each cache keeps only what the committed tokens wrote: the target ``last, d1 .. dn``, the draft
@@ -67,8 +68,10 @@ class Acceptance:
     rejections: int = 0  # sequence-rounds that stopped at a rejected proposal (n < g)
     committed: int = 0  # tokens committed by verification passes (accepted + corrections/bonus, within limits)
     histogram: dict[int, int] = field(default_factory=dict)  # n -> sequence-rounds
+    draft_len: int = 0  # proposals per sequence-round (the largest seen)
 
     def add(self, n: int, g: int) -> None:
+        self.draft_len = max(self.draft_len, g)
         self.rounds += 1
         self.proposed += g
         self.accepted += n
@@ -81,6 +84,14 @@ class Acceptance:
         accepted / (accepted + rejections)."""
         trials = self.accepted + self.rejections
         return self.accepted / trials if trials else None
+
+    @property
+    def survival(self) -> list[float] | None:
+        """The measured per-position acceptance ``[P(n >= 1) .. P(n >= g)]``: the share of sequence-rounds that
+        accepted at least i proposals, from the accepted-length histogram; None before any round."""
+        if not self.rounds:
+            return None
+        return [sum(c for n, c in self.histogram.items() if n >= i) / self.rounds for i in range(1, self.draft_len + 1)]
 
     @property
     def tokens_per_round(self) -> float | None:
@@ -159,7 +170,10 @@ def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
     before = target_kv.lengths.tolist()
     tokens, num_new = verify_tokens(last, proposals)
     logits = target_pass(tokens, num_new)
-    if sampler.greedy:
+    if sampler.synthetic is not None:  # benchmark mode: proposals accepted by a seeded coin, not by the target
+        results = [sampler.synthetic_accept(d, logits[row], seq)
+                   for row, (d, seq) in enumerate(zip(proposals, state.seqs))]
+    elif sampler.greedy:
         targets = logits.argmax(-1).tolist()
         results = [accept(d, t) for d, t in zip(proposals, targets)]
     else:

@@ -37,11 +37,16 @@ from specplan.errors import SpecplanError
 @click.option("--dtype", type=click.Choice(ENGINE_DTYPES), default=None,
               help="Run the weights (and the KV cache) in this dtype instead of the plan's; the prediction and the "
                    "memory check are recomputed for it.")
+@click.option("--synthetic-acceptance", "synthetic", metavar="A", type=float, default=None,
+              help="Benchmark mode, NOT lossless (speculative plans): accept each draft proposal with probability A "
+                   "(0 < A <= 1) from a seeded generator instead of checking it against the target; the prediction "
+                   "is recomputed at A, every output is marked, no calibration.json is written.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default=None,
               help="Results folder [default: results/<plan name>-<UTC time>/].")
 def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompts_file: str | None, max_new_tokens: str | None,
             num_prompts: str | None, fixed_length: bool, stop_at_eos: bool, raw: bool, temperature: float | None,
-            top_p: float | None, top_k: int | None, seed: int | None, dtype: str | None, out_dir: str | None) -> None:
+            top_p: float | None, top_k: int | None, seed: int | None, dtype: str | None, synthetic: float | None,
+            out_dir: str | None) -> None:
     """Run PLAN.json on its model: weights on device / host / disk as placed, disk tensors read with O_DIRECT and
     prefetched, decoding with the plan's batches, greedy or sampled as the plan's workload says (or --temperature, --top-p,
     --top-k, --seed); speculative with the plan's draft model (greedy or rejection-sampling verification: the output
@@ -70,7 +75,8 @@ def command(plan_file: str, model_dir: str | None, draft_dir: str | None, prompt
     run = run_plan_file(plan_file, model_dir=model_dir, sampling=sampling, draft_dir=draft_dir, prompts_file=prompts_file,
                         max_new_tokens=_positive(max_new_tokens, "--max-new-tokens", MAX_TOKENS),
                         num_prompts=_positive(num_prompts, "--num-prompts", MAX_PROMPTS),
-                        stop_at_eos=not fixed_length, raw=raw, out_dir=out_dir, dtype=dtype)
+                        stop_at_eos=not fixed_length, raw=raw, out_dir=out_dir, dtype=dtype,
+                        synthetic_acceptance=synthetic)
     show_run(run.plan, run.report)
     show_written(run.written)
 

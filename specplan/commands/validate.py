@@ -35,6 +35,10 @@ MAX_REPS = 20
               help="Plans in the grid: the planner's choice at each budget, then the plans that span the plan space.")
 @click.option("--reps", type=click.IntRange(min=1, max=MAX_REPS), default=3, show_default=True,
               help="Trials of each plan, each in its own fresh process, the plans interleaved; rows are medians.")
+@click.option("--synthetic-acceptance", "synthetic", metavar="A", type=float, default=None,
+              help="Benchmark mode, NOT lossless: the plans assume per-token acceptance A and their speculative runs "
+                   "accept each proposal with probability A from a seeded generator, so the grid measures the cost "
+                   "model alone (0 < A <= 1; not with --acceptance or --calibration).")
 @click.option("--fit", is_flag=True,
               help="Then refit the profile's figures on the odd-numbered plans' runs and report the error on the "
                    "even-numbered ones (what `specplan calibrate DIR` does).")
@@ -42,7 +46,7 @@ MAX_REPS = 20
               help="Folder for validate.csv and each plan's files.")
 def command(model: str, vrams: tuple[float, ...], profile_arg: str | None, drafts: tuple[str, ...],
             acceptance: float | None, calibration: str | None, prompts_file: str | None, num_prompts: int,
-            gen_len: int, max_plans: int, reps: int, fit: bool, out_dir: str) -> None:
+            gen_len: int, max_plans: int, reps: int, synthetic: float | None, fit: bool, out_dir: str) -> None:
     """Run a grid of the search's plans on this machine and report how right the planner is: signed errors of the
     prediction and the simulation, rank correlation, and the regret of the planner's choice."""
     from specplan.validation.grid import run_grid
@@ -50,7 +54,7 @@ def command(model: str, vrams: tuple[float, ...], profile_arg: str | None, draft
     from specplan.validation.show import show_fit, show_grid, show_written
 
     r = run_grid(model, vrams, profile_arg, drafts, acceptance, calibration, prompts_file, num_prompts, gen_len,
-                 max_plans, out_dir, reps, say=click.echo)
+                 max_plans, out_dir, reps, say=click.echo, synthetic_acceptance=synthetic)
     show_grid(r.rows, r.summary)
     show_written(r.written)
     if fit:

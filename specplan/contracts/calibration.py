@@ -14,6 +14,12 @@ maximum-likelihood estimate accepted / (accepted + rounds that stopped at a reje
 ``accepted_fraction`` = accepted_tokens / proposed_tokens, which is lower: a rejection ends the round, and the
 proposals after it count as proposed but are never tried. Files written before the two were named say
 ``"acceptance"`` for ``per_token_acceptance_mle``; they read the same.
+
+``acceptance_curve`` is the per-position acceptance measured from the accepted-length histogram of the run's
+sequence-rounds (``curve_sequence_rounds`` of them): ``[P(n >= 1), .., P(n >= G)]`` at the run's draft length G.
+Where a record has one, the planner uses it (``E[tokens per round] = 1 + sum_i P(n >= i)``) instead of ``a^i``,
+and extends it past G at its tail's geometric ratio. Files written before the curve existed have none and read the
+same (the one-parameter model).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from specplan.contracts.plan import Sampling
+from specplan.contracts.plan import Sampling, check_acceptance_curve
 from specplan.contracts.strict import Strict
 
 SCHEMA_VERSION = 1
@@ -35,6 +41,9 @@ class AcceptanceRecord(Strict):
     accepted_fraction: float | None = Field(None, ge=0, le=1)  # accepted_tokens / proposed_tokens
     proposed_tokens: int | None = Field(None, ge=1)  # draft tokens the target checked
     accepted_tokens: int | None = Field(None, ge=0)
+    #: measured [P(n >= 1) .. P(n >= G)] at draft length G (see above); None: only the one-parameter model
+    acceptance_curve: list[float] | None = None
+    curve_sequence_rounds: int | None = Field(None, ge=1)  # sequence-rounds the curve was measured over
     source: str = Field(min_length=1)  # how it was measured
     #: the decoding it was measured with (acceptance depends on it); files written before sampling existed: greedy
     sampling: Sampling = Sampling()
@@ -53,6 +62,8 @@ class AcceptanceRecord(Strict):
             raise ValueError("give both proposed_tokens and accepted_tokens, or neither")
         if self.proposed_tokens is not None and self.accepted_tokens > self.proposed_tokens:  # type: ignore[operator]
             raise ValueError("accepted_tokens cannot exceed proposed_tokens")
+        if self.acceptance_curve is not None:
+            check_acceptance_curve(self.acceptance_curve)
         return self
 
 

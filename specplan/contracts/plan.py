@@ -97,6 +97,17 @@ class Workload(_Strict):
         return [wave] * (n // wave) + ([n % wave] if n % wave else [])
 
 
+def check_acceptance_curve(curve: list[float]) -> None:
+    """A per-position acceptance curve ``P(n >= i)``, i = 1..len: at least one value, each in [0, 1], none above the
+    one before it (``ValueError`` otherwise)."""
+    if not curve:
+        raise ValueError("an acceptance curve needs P(n >= 1) at least")
+    if any(not 0.0 <= x <= 1.0 for x in curve):
+        raise ValueError("an acceptance curve's values P(n >= i) lie in [0, 1]")
+    if any(b > a + 1e-12 for a, b in zip(curve, curve[1:])):
+        raise ValueError("an acceptance curve P(n >= i) never rises with i")
+
+
 class Policy(_Strict):
     prefill_batch: int = Field(gt=0)
     decode_batch: int = Field(gt=0)  # sequences per batch
@@ -107,6 +118,9 @@ class Policy(_Strict):
     expert_fetch: Literal["routed", "layer"] = "routed"  # stream only the routed experts, or the whole layer
     prefetch_depth: int = Field(1, ge=0)  # layers fetched ahead of compute (staging buffers = depth + 1)
     acceptance: float | None = Field(None, ge=0, le=1)  # per-token acceptance the prediction assumes
+    #: measured P(n >= i) for i = 1..len (a calibration's curve): the prediction uses it instead of ``acceptance``
+    #: (past its length, extended at its tail's geometric ratio: ``planner.expect.survival``); None: ``a^i``
+    acceptance_curve: list[float] | None = None
     weight_dtype: str = "bfloat16"
     kv_dtype: str = "bfloat16"
 
@@ -117,6 +131,10 @@ class Policy(_Strict):
                 raise ValueError(f"unknown dtype '{d}'; use one of {', '.join(DTYPE_BYTES)}")
         if self.draft_len > 0 and self.acceptance is None:
             raise ValueError("speculative plans (draft_len > 0) need an acceptance")
+        if self.acceptance_curve is not None:
+            if self.draft_len == 0:
+                raise ValueError("acceptance_curve is for speculative plans (draft_len > 0)")
+            check_acceptance_curve(self.acceptance_curve)
         return self
 
     @property

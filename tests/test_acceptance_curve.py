@@ -1,0 +1,158 @@
+"""The per-position acceptance curve P(n >= i): measured from the accepted-length histogram (the engine's
+``Acceptance``), stored in calibration.json (old files still read), used by the planner (E[tokens per round] =
+1 + sum_i P(n >= i), extended past its length at its tail's geometric ratio), and equal to the one-parameter model
+when the curve is geometric."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from planner_fixtures import cpu_profile, hand_plan, tiny_moe
+
+from specplan.contracts.calibration import AcceptanceRecord, Calibration
+from specplan.contracts.plan import DraftSpec, Policy
+from specplan.engine.execute.speculative import Acceptance
+from specplan.errors import ContractError
+from specplan.jsonio import load, write_json
+from specplan.planner.drafts import acceptance_for
+from specplan.planner.expect import (accepted_drafts_pmf, expected_rounds, expected_tokens_per_seq, survival,
+                                     tail_ratio)
+from specplan.planner.predict import predict
+from specplan.validation.runs import calibration_of
+
+
+def test_the_curve_from_a_known_histogram():
+    acc = Acceptance()
+    for n, count in {0: 2, 1: 3, 2: 1, 3: 4}.items():  # 10 sequence-rounds of 3 proposals
+        for _ in range(count):
+            acc.add(n, 3)
+    assert acc.survival == pytest.approx([8 / 10, 5 / 10, 4 / 10])
+    # E[n + 1] = 1 + sum_i P(n >= i): the measured tokens per round
+    assert 1 + sum(acc.survival) == pytest.approx(acc.tokens_per_round) == pytest.approx(2.7)
+    assert acc.per_token == pytest.approx(17 / (17 + 6))  # the MLE is kept: accepted / (accepted + rejections)
+    assert Acceptance().survival is None
+
+
+def test_a_histogram_with_no_full_acceptance_ends_the_curve_at_zero():
+    acc = Acceptance()
+    for n in (0, 1, 1, 2):
+        acc.add(n, 4)
+    assert acc.survival == pytest.approx([0.75, 0.25, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("g", [1, 3, 6])
+def test_a_geometric_curve_is_the_one_parameter_model(a, g):
+    curve = [a**i for i in range(1, g + 1)]
+    assert expected_tokens_per_seq(None, g, curve) == pytest.approx(expected_tokens_per_seq(a, g), rel=1e-12)
+    assert accepted_drafts_pmf(None, g, curve) == pytest.approx(accepted_drafts_pmf(a, g), abs=1e-12)
+    for seqs in (1, 4):
+        assert expected_rounds(None, g, 15, seqs, curve) == pytest.approx(expected_rounds(a, g, 15, seqs), rel=1e-9)
+    # a geometric curve measured at a shorter draft extends to the same model
+    if g > 1 and a > 0:
+        assert survival(None, g, curve[:1]) == pytest.approx(survival(a, g), rel=1e-12)
+
+
+def test_expected_tokens_from_a_curve_and_its_tail():
+    curve = [0.9, 0.6]  # conditional acceptance falls: 0.9, then 0.667
+    assert expected_tokens_per_seq(0.5, 2, curve) == pytest.approx(2.5)  # the curve, not a = 0.5
+    assert expected_tokens_per_seq(0.5, 1, curve) == pytest.approx(1.9)
+    assert tail_ratio(curve) == pytest.approx(0.6 / 0.9)
+    assert survival(None, 4, curve) == pytest.approx([0.9, 0.6, 0.4, 0.4 * 0.6 / 0.9])
+    assert tail_ratio([0.8, 0.6, 0.45, 0.3]) == pytest.approx((0.3 / 0.6) ** 0.5)  # second half: i = 2..4
+    assert tail_ratio([0.5, 0.0]) == 0.0
+    pmf = accepted_drafts_pmf(None, 4, curve)
+    assert sum(pmf) == pytest.approx(1.0) and pmf[0] == pytest.approx(0.1) and pmf[1] == pytest.approx(0.3)
+
+
+def test_the_prediction_follows_the_curve():
+    spec = tiny_moe()
+    plan = hand_plan(spec, cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3, acceptance=0.6)
+    curve = [0.9, 0.8, 0.7]
+    with_curve = plan.model_copy(update={"policy": plan.policy.model_copy(update={"acceptance_curve": curve})})
+    p, q = predict(plan), predict(with_curve)
+    assert p.tokens_per_seq_round == pytest.approx(expected_tokens_per_seq(0.6, 3))
+    assert q.tokens_per_seq_round == pytest.approx(1 + sum(curve))
+    assert q.decode_tok_s > p.decode_tok_s  # more tokens per round at the same round cost
+    assert q.round_s == pytest.approx(p.round_s)
+
+
+def test_policy_and_record_refuse_a_curve_that_rises_or_leaves_zero_one():
+    with pytest.raises(ValueError, match="never rises"):
+        Policy(prefill_batch=1, decode_batch=1, draft_len=2, acceptance=0.5, acceptance_curve=[0.5, 0.6])
+    with pytest.raises(ValueError, match="speculative"):
+        Policy(prefill_batch=1, decode_batch=1, acceptance_curve=[0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        AcceptanceRecord(draft="d", per_token_acceptance_mle=0.5, source="x", acceptance_curve=[1.5])
+
+
+def test_an_old_calibration_file_without_a_curve_still_loads_and_plans_geometrically(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema_version": 1, "created_utc": "2026-01-01T00:00:00Z", "acceptance": [
+        {"draft": "substitute:int4", "acceptance": 0.8, "proposed_tokens": 100, "accepted_tokens": 70,
+         "source": "old run"}]}))
+    calib = load(Calibration, old)
+    assert calib.acceptance[0].acceptance_curve is None
+    choice = acceptance_for(DraftSpec(kind="substitute", bits=4), "t", None, calib)
+    assert choice.acceptance == 0.8 and choice.curve is None and choice.measured
+
+
+def test_a_bad_curve_in_a_calibration_file_is_one_contract_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema_version": 1, "created_utc": "2026-01-01T00:00:00Z", "acceptance": [
+        {"draft": "d", "per_token_acceptance_mle": 0.8, "acceptance_curve": [0.5, 0.9], "source": "x"}]}))
+    with pytest.raises(ContractError, match="bad.json"):
+        load(Calibration, bad)
+
+
+def test_a_runs_curve_goes_to_calibration_json_and_the_planner_uses_it(tmp_path):
+    spec = tiny_moe()
+    plan = hand_plan(spec, cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3, acceptance=0.6)
+    acc = {"measured": 0.7, "measured_curve": [0.8, 0.6, 0.5], "proposed_tokens": 300, "accepted_tokens": 190,
+           "sequence_rounds": 100, "draft_len": 3}
+    path = write_json(tmp_path / "calibration.json", calibration_of(plan, acc, tmp_path))
+    rec = load(Calibration, path).acceptance[0]
+    assert rec.acceptance_curve == [0.8, 0.6, 0.5] and rec.curve_sequence_rounds == 100
+    choice = acceptance_for(plan.draft, plan.model.name, None, load(Calibration, path))
+    assert choice.curve == (0.8, 0.6, 0.5) and choice.acceptance == 0.7 and "P(n >= i)" in choice.source
+    # --acceptance overrides the calibration, curve and all
+    assert acceptance_for(plan.draft, plan.model.name, 0.4, load(Calibration, path)).curve is None
+
+
+def test_the_search_plans_with_the_calibrated_curve_and_says_when_it_extends_it():
+    from specplan.contracts import Capacities, Workload
+    from specplan.planner.drafts import choices
+    from specplan.planner.search import Ask, search
+
+    spec = tiny_moe()
+    curve = [0.9, 0.85]  # measured at g = 2; the search tries longer drafts too
+    calib = Calibration(created_utc="2026-01-01T00:00:00Z", acceptance=[AcceptanceRecord(
+        draft="substitute:int4", per_token_acceptance_mle=0.88, acceptance_curve=curve, source="a test run")])
+    ask = Ask(spec=spec, model_name=spec.name, profile=cpu_profile(), capacities=Capacities(device_bytes=1 << 30),
+              workload=Workload(prompt_len=64, gen_len=16, num_prompts=8),
+              drafts=tuple(choices(["substitute:int4"], spec, spec.name, None, calib)), top=20)
+    plans = [p for p in search(ask).plans if p.policy.speculative]
+    assert {p.policy.draft_len > len(curve) for p in plans} == {True, False}  # within the curve and past it
+    for plan in plans:
+        g = plan.policy.draft_len
+        assert plan.policy.acceptance_curve == curve
+        assert plan.prediction.tokens_per_seq_round == pytest.approx(1 + sum(survival(None, g, curve)))
+        extended = [a for a in plan.prediction.assumptions if "past the measured curve" in a]
+        assert bool(extended) == (g > len(curve))
+
+
+def test_the_simulator_draws_from_the_curve():
+    from specplan.simulator import simulate
+
+    plan = hand_plan(tiny_moe(), cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3,
+                     acceptance=0.6)
+
+    def with_curve(curve):
+        return plan.model_copy(update={"policy": plan.policy.model_copy(update={"acceptance_curve": curve})})
+
+    # a geometric curve draws exactly what the one-parameter model draws
+    same = simulate(with_curve([0.6, 0.36, 0.216]), seed=4).summary
+    assert same.decode_tok_s == pytest.approx(simulate(plan, seed=4).summary.decode_tok_s, rel=1e-12)
+    # a curve that accepts everything commits g + 1 tokens a round: fewer rounds, more throughput
+    assert simulate(with_curve([1.0, 1.0, 1.0]), seed=4).summary.decode_tok_s > same.decode_tok_s
