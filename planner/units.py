@@ -233,7 +233,8 @@ def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> lis
     act = rows * (2 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim) * c.act
     compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
                  bytes=n * (_weight_bytes(c, p, "attention", tier) + act), shape=(rows, s.hidden_size, s.q_dim),
-                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["attn_proj"], group="attention", phase=p.phase, batch=p.batch,
+                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["attn_proj"], group="attention", phase=p.phase,
+                 batch=p.batch,
                  overheads=(("per_layer_s", n),) + _handoff(fetch, n))
     return fetch + [compute]
 

@@ -68,6 +68,10 @@ def test_schema_roundtrip_and_content(profile, runs, tmp_path):
     for curve in profile.device.matmul:
         assert [p.x for p in curve.flops.points] == list(config.rows)
     assert "float32" in profile.device.dtypes and profile.device.threads == 1
+    # the substitute draft's low-bit kernels, at every probed shape
+    for low in ("int8", "int4"):
+        assert {(c.k, c.n) for c in profile.device.matmul if c.dtype == low} == set(config.matmul_shapes)
+        assert profile.device.matmul_flops(low, 1, 576, 1536) > 0
     assert profile.disk.path == str(runs[1]) and profile.disk.filesystem and profile.disk.capacity_bytes > 0
     assert set(profile.overheads.samples_s) == {"per_op_s", "per_layer_s", "per_step_s", "thread_handoff_s"}
     # the engine's own resident bytes, measured in a fresh process: torch alone holds well over 50 MiB, and a tiny

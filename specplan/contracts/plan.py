@@ -71,7 +71,9 @@ class DraftSpec(_Strict):
         """A substitute's group size (the default for its bits where the plan leaves it unset); 0 otherwise."""
         if self.kind != "substitute":
             return 0
-        return SUBSTITUTE_GROUP_SIZES[self.bits][0] if self.group_size is None else self.group_size  # type: ignore[index]
+        if self.group_size is not None:
+            return self.group_size
+        return SUBSTITUTE_GROUP_SIZES[self.bits or 8][0]
 
     @property
     def method(self) -> str:
