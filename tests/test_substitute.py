@@ -178,3 +178,28 @@ def test_sampling_with_a_substitute_runs_and_a_cold_temperature_is_greedy(target
                                dtype=torch.float64, sampling=Sampling(temperature=1.0, seed=5)))
             for b in (1, 6)]
     assert warm[0] == warm[1] and warm[0] != want[:6]
+
+
+def test_the_planner_costs_substitute_steps_at_the_measured_low_bit_rates():
+    """A profile's int4 figures price the substitute's draft steps on its copies; they are never a weight dtype."""
+    from planner_fixtures import cpu_profile, curve, hand_plan, tiny_moe
+
+    from specplan.contracts.hardware import MatmulCurve
+    from specplan.planner.predict import predict
+
+    base = cpu_profile()
+
+    def with_int4(rate: float):
+        int4 = MatmulCurve(dtype="int4", k=4096, n=4096, flops=curve("rows", "flops", [(1, rate), (512, rate)]))
+        unit = base.device.model_copy(update={"matmul": [*base.device.matmul, int4]})
+        return base.model_copy(update={"device": unit, "host": unit})
+
+    def decode_tok_s(profile) -> float:
+        plan = hand_plan(tiny_moe(), profile, experts=["device", "disk", "disk", "disk"], attention="disk",
+                         draft=DraftSpec(kind="substitute", bits=4), draft_len=3, acceptance=0.9)
+        assert plan.policy.weight_dtype == "float32"
+        return predict(plan).decode_tok_s
+
+    slow, fast = decode_tok_s(with_int4(1e8)), decode_tok_s(with_int4(1e13))
+    assert slow < 0.5 * fast
+    assert slow < decode_tok_s(base)  # without int4 figures: the weight dtype's rate (6-140 GFLOP/s)
