@@ -171,7 +171,8 @@ def test_sampling_with_a_substitute_runs_and_a_cold_temperature_is_greedy(target
     from specplan.contracts.plan import Sampling
 
     ckpt, want = target
-    plan = sub_plan(ckpt, 4, 3, group=32, decode_batch=4, num_batches=2)
+    plan = sub_plan(ckpt, 4, 3, group=32, quantiser="hqq", decode_batch=4, num_batches=2)
+    assert plan.draft.label == "substitute:int4:g32:hqq"
     cold = run_plan(plan, ckpt, PROMPTS[:6], NEW, dtype=torch.float64, sampling=Sampling(temperature=1e-4, seed=1))
     assert tokens_of(cold) == want[:6]
     warm = [tokens_of(run_plan(sub_plan(ckpt, 4, 3, group=32, decode_batch=b), ckpt, PROMPTS[:6], NEW,
