@@ -150,8 +150,12 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
         draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),
                            recorder)
     if substitute:
-        draft = DraftModel(plan.model.spec, substitute_source(plan, ckpt, layout, store.resident, dtype, on_convert),
-                           recorder, shares_kv=True)
+        try:
+            src, sub_held = substitute_source(plan, ckpt, layout, store.resident, dtype, on_convert)
+        except BaseException:
+            store.close()
+            raise
+        draft = DraftModel(plan.model.spec, src, recorder, shares_kv=True)
     ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens, draft,
                   on[plan.placement.draft_kv] if dckpt is not None else None,
                   sampling or plan.workload.sampling)
@@ -167,7 +171,7 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
                        "staging": layout.staging_bytes()},
             "host": {"weights": layout.weight_bytes()["host"], "kv_cache": ex.stats.kv_peak_bytes["host"]}}
     if substitute:
-        peak["device"]["substitute"] = sub_bytes
+        peak["device"]["substitute"] = sub_held
     if dckpt is not None:
         for item, tier, nbytes in (("draft_weights", plan.placement.draft_weights, draft_bytes),
                                    ("draft_kv", plan.placement.draft_kv, ex.stats.draft_kv_peak_bytes)):

@@ -46,9 +46,10 @@ def substitute_bytes(plan: Plan, layout: StoreLayout, dtype: torch.dtype) -> int
 
 
 def substitute_source(plan: Plan, ckpt, layout: StoreLayout, resident: dict[str, torch.Tensor], dtype: torch.dtype,
-                      on_convert=None) -> MemorySource:
+                      on_convert=None) -> tuple[MemorySource, int]:
     """The substitute's weights: the target's ``resident`` tensors and its own copies of the rest (the low-bit
-    cache is built the first time, ``on_convert`` getting the source bytes it quantised)."""
+    cache is built the first time, ``on_convert`` getting the source bytes it quantised), and the bytes of the
+    copies it allocated."""
     spec, d = plan.model.spec, plan.draft
     lowbit, full = copied_names(plan, layout)
     tensors = dict(resident)
@@ -57,9 +58,10 @@ def substitute_source(plan: Plan, ckpt, layout: StoreLayout, resident: dict[str,
         tensors.update(load_substitute(path, lowbit, spec, d.bits, d.group, dtype))  # type: ignore[arg-type]
     for n in full:
         tensors[n] = ckpt.read(n, dtype=dtype)
+    held = sum(tensors[n].nbytes for n in (*lowbit, *full))
     if "lm_head" not in tensors:
         tensors["lm_head"] = tensors["embed"]  # a tied head the target keeps resident with the embedding
-    return MemorySource(tensors)
+    return MemorySource(tensors), held
 
 
 def check_substitute(plan: Plan, device: torch.device) -> None:

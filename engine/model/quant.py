@@ -159,7 +159,7 @@ class LowBitLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
         lead = x.shape[:-1]
-        rows = x.reshape(-1, k).to(self.dtype)
+        rows = x.reshape(-1, k).to(self.dtype).contiguous()
         if rows.shape[0] == 0:
             return x.new_zeros((*lead, n))
         if self.bits == 4:
