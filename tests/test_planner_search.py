@@ -152,6 +152,9 @@ def test_cli_calibration_and_explain(tmp_path):
     (["--model", "no-such-model", "--vram", "4"], "unknown model"),
     (["--model", "olmoe-1b-7b", "--vram", "4"], "specplan profile --quick"),  # no measured profile here
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int2"], "substitute:int8"),
+    (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int4:g0"],
+     "group size of 64, 32, 128, 256, not 0"),
+    (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int8:hqq:hqq"], ":hqq"),
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "mistral-7b"], "vocabulary"),
     (["--model", "mixtral-8x22b", "--vram", "0.2", "--profile", "rtx4090-pcie4"], "short by"),
     (["--model", "mixtral-8x7b", "--vram", "1000", "--profile", "rtx4090-pcie4"], "exceeds the device's memory"),
@@ -184,3 +187,21 @@ def test_the_headline_command_on_a_small_cpu_machine_suggests_the_bundled_gpu_pr
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert "exceeds this machine's memory" in r.output and "--profile rtx4090-pcie4" in r.output
     assert all(name in r.output for name in bundled_profiles()) and "specplan profile --show" in r.output
+
+
+def test_a_substitute_with_its_group_size_and_quantiser(tmp_path):
+    """``--draft substitute:int4:g128:hqq``: the plan keeps both; a larger group stores fewer scales."""
+    from specplan.planner.program import costing_of
+
+    prof = write_json(tmp_path / "cpu.json", cpu_profile())
+    bytes_at = {}
+    for draft in ("substitute:int4", "substitute:int4:g128:hqq"):
+        out = tmp_path / f"{draft.replace(':', '-')}.json"
+        r = run_cli("--model", "olmoe-1b-7b", "--vram", "10", "--profile", str(prof), "--draft", draft,
+                    "--acceptance", "0.9", "-o", str(out))
+        assert r.exit_code == 0, r.output
+        plan = load(Plan, out)
+        assert plan.draft.label == draft and plan.policy.speculative
+        bytes_at[draft] = costing_of(plan).quantised("expert")
+    assert load(Plan, tmp_path / "substitute-int4-g128-hqq.json").draft.quantiser == "hqq"
+    assert bytes_at["substitute:int4:g128:hqq"] < bytes_at["substitute:int4"]
