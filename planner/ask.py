@@ -72,7 +72,7 @@ class SearchResult:
 def costing_for(ask: Ask, draft: DraftChoice) -> Costing:
     d = draft.spec
     return Costing(ask.spec, ask.profile, ask.weight_dtype, ask.kv_dtype, draft_spec=d.spec if d.kind == "model" else None,
-                   substitute_bits=d.bits if d.kind == "substitute" else None)
+                   substitute_bits=d.bits if d.kind == "substitute" else None, substitute_group=d.group)
 
 
 def caps_of(ask: Ask) -> dict[str, float | None]:

@@ -5,6 +5,7 @@ Priors are assumptions, printed with their source and stored in the plan; measur
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from specplan.contracts.calibration import Calibration
@@ -49,10 +50,7 @@ def parse_draft(value: str, target: ModelSpec) -> DraftSpec:
     if v.lower() == "none":
         return DraftSpec()
     if v.lower().startswith("substitute"):
-        bits = {"substitute:int8": 8, "substitute:int4": 4}.get(v.lower())
-        if bits is None:
-            raise SpecplanError(f"unknown substitute draft '{value}': use substitute:int8 or substitute:int4")
-        return DraftSpec(kind="substitute", bits=bits)
+        return parse_substitute(v)
     from specplan.catalog import load_model_spec, model_weights
 
     spec = load_model_spec(v)
@@ -62,6 +60,29 @@ def parse_draft(value: str, target: ModelSpec) -> DraftSpec:
     if spec.total_params >= target.total_params:
         raise SpecplanError(f"draft '{value}' ({spec.total_params / 1e9:.1f}B parameters) is not smaller than the target")
     return DraftSpec(kind="model", name=spec.name, path=model_weights(v), spec=spec)
+
+
+def parse_substitute(value: str) -> DraftSpec:
+    """``substitute:int4`` or ``substitute:int8``, optionally followed by ``:g<group size>`` and ``:hqq``."""
+    usage = ("use substitute:int8 or substitute:int4, optionally with :g<group size> (int4: 32, 64, 128, 256; "
+             "int8 also 0, one group per row) and :hqq (error-minimising scales)")
+    parts = value.lower().split(":")
+    bits = {"int8": 8, "int4": 4}.get(parts[1]) if len(parts) > 1 and parts[0] == "substitute" else None
+    if bits is None:
+        raise SpecplanError(f"unknown substitute draft '{value}': {usage}")
+    fields: dict = {"kind": "substitute", "bits": bits}
+    for part in parts[2:]:
+        if part == "hqq" and "quantiser" not in fields:
+            fields["quantiser"] = "hqq"
+        elif re.fullmatch(r"g\d{1,6}", part) and "group_size" not in fields:
+            fields["group_size"] = int(part[1:])
+        else:
+            raise SpecplanError(f"unknown substitute draft '{value}': {usage}")
+    try:
+        return DraftSpec(**fields)
+    except ValueError as e:
+        raise SpecplanError(f"substitute draft '{value}': {e.errors()[0]['msg'].removeprefix('Value error, ')}") \
+            from None
 
 
 #: catalog models the search tries as drafts when their vocabulary matches the target's and they are much smaller.
@@ -108,7 +129,8 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
                                f"per-position curve P(n >= i), i = 1..{len(rec.acceptance_curve)}; per-token "
                                f"maximum-likelihood estimate {rec.per_token_acceptance_mle:.3f}{frac})", True,
                                tuple(rec.acceptance_curve))
-    prior = PRIORS.get((label, target_name)) or PRIORS.get((label, None))
+    base = f"substitute:int{draft.bits}" if draft.kind == "substitute" else label  # the priors ignore the grouping
+    prior = PRIORS.get((base, target_name)) or PRIORS.get((base, None))
     if prior is None and draft.kind == "model":
         prior = PRIORS[("model", None)]
     assert prior is not None

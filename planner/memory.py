@@ -38,11 +38,11 @@ def unit_bytes(c: Costing, unit: str, tier: str, seqs: int, capacity: int) -> di
 
 
 def substitute_bytes(c: Costing, unit: str, tier: str) -> float:
-    """Device bytes of the quantised copy a substitute draft keeps of a non-resident weight unit
-    (a tied head gets its own copy: the draft computes logits on the device)."""
-    if not c.substitute_bits or tier == "device" or unit in ("embed", "kv", "draft"):
+    """Device bytes of the copy a substitute draft keeps of a weight unit the target fetches (``Costing.quantised``;
+    the embedding at full size; a tied head gets its own copy: the draft computes logits on the device)."""
+    if not c.substitute_bits or not c.substituted(tier) or unit in ("kv", "draft"):
         return 0.0
-    return c.quantised(unit)
+    return c.sizes["embed"] if unit == "embed" else c.quantised(unit)
 
 
 def activation_bytes(c: Costing, p: Pass) -> float:
@@ -113,9 +113,14 @@ def tier_bytes(plan: Plan) -> dict[str, dict[str, dict[str, int]]]:
     spec = plan.model.spec
     add_unit("embed", "embed", pl.embed)
     add_unit("lm_head", "lm_head", pl.lm_head)
-    add("norms_router", {pl.final_norm: c.sizes["final_norm"]})
+    def add_norms(tier: str, nbytes: float) -> None:
+        add("norms_router", {tier: nbytes})
+        if c.substitute_bits and c.substituted(tier):  # the substitute keeps a full-size copy of streamed norms
+            add("substitute", {"device": nbytes})
+
+    add_norms(pl.final_norm, c.sizes["final_norm"])
     for i, lp in enumerate(pl.layers):
-        add("norms_router", {lp.norms_router: c.sizes["router_norms" if spec.is_moe_layer(i) else "norms"]})
+        add_norms(lp.norms_router, c.sizes["router_norms" if spec.is_moe_layer(i) else "norms"])
     items = {"attention": "attention", "kv": "kv_cache", "mlp": "mlp", "shared": "shared_experts", "expert": "experts"}
     for (unit, tier), n in unit_counts_of(plan).items():
         add(items[unit], {t: n * b for t, b in unit_bytes(c, unit, tier, seqs, capacity).items()})

@@ -40,7 +40,7 @@ def costing_of(plan: Plan) -> Costing:
     d = plan.draft
     return Costing(spec=plan.model.spec, profile=plan.profile, weight_dtype=plan.policy.weight_dtype,
                    kv_dtype=plan.policy.kv_dtype, draft_spec=d.spec if d.kind == "model" else None,
-                   substitute_bits=d.bits if d.kind == "substitute" else None)
+                   substitute_bits=d.bits if d.kind == "substitute" else None, substitute_group=d.group)
 
 
 def knobs_of(plan: Plan) -> Knobs:

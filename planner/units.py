@@ -18,7 +18,7 @@ from functools import cached_property
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.memory import causal_positions, kv_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
-from specplan.contracts.tensors import param_bytes, unpacked_dtype
+from specplan.contracts.tensors import param_bytes, substitute_nbytes, unpacked_dtype
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
 from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
 from specplan.planner.ops import Op, Phase
@@ -50,6 +50,7 @@ class Costing:
     kv_dtype: str
     draft_spec: ModelSpec | None = None  # a draft model
     substitute_bits: int | None = None  # a quantised substitute of the target's streamed weights
+    substitute_group: int = 0  # its group size (input columns per scale; 0: one group per row)
 
     @property
     def shared(self) -> bool:
@@ -122,8 +123,29 @@ class Costing:
         return kv_bytes(self.draft_spec, self.kv_dtype, seqs, positions) if self.draft_spec else 0
 
     def quantised(self, kind: str) -> float:
-        """Bytes of the substitute copy of one unit of weight kind ``kind``."""
-        return self.params[kind] * (self.substitute_bits or 0) / 8
+        """Bytes of the substitute copy of one unit of weight kind ``kind`` (0 without a substitute)."""
+        return self._quantised.get(kind, 0.0) if self.substitute_bits else 0.0
+
+    @cached_property
+    def _quantised(self) -> dict[str, float]:
+        """Per weight kind, ``contracts.tensors.substitute_nbytes`` over one unit's tensors (the low-bit copies of
+        its matrices, scales and zero points at the activations' dtype, and full-size copies of the rest); a tied
+        head quantises the embedding."""
+        s, t = self.spec, self.spec.tensors
+        moe = s.moe_layers[0] if s.moe_layers else None
+        dense = s.dense_layers[0] if s.dense_layers else None
+        pieces = {"attention": t.members("attention", 0), "mlp": t.members("mlp", dense) if dense is not None else (),
+                  "expert": t.members("experts", moe, 0) if moe is not None else (),
+                  "shared": t.members("shared_experts", moe) if moe is not None else ()}
+        dtype, bits, group = unpacked_dtype(self.weight_dtype), self.substitute_bits or 8, self.substitute_group
+        out = {kind: float(sum(substitute_nbytes(w, bits, group, dtype) for w in ws)) for kind, ws in pieces.items()}
+        out["lm_head"] = float(substitute_nbytes(t.head, bits, group, dtype, as_head=True))
+        return out
+
+    def substituted(self, tier: str) -> bool:
+        """Whether a substitute keeps a copy of a unit at ``tier``: one the target fetches to compute it (disk; the
+        host on a machine with a separate host tier, without one host tensors are used in place)."""
+        return tier == "disk" or (tier == "host" and not self.shared)
 
 
 @dataclass(frozen=True)
@@ -191,7 +213,15 @@ def _handoff(fetches: list[Op], n: float = 1) -> tuple[tuple[str, float], ...]:
 
 def _weight_bytes(c: Costing, p: Pass, kind: str, tier: str) -> float:
     """Bytes a compute op reads for one unit: the tensor, or its quantised copy in a substitute draft step."""
-    return c.quantised(kind) if p.substitute and tier != "device" else c.sizes[kind]
+    return c.quantised(kind) if p.substitute and c.substituted(tier) else c.sizes[kind]
+
+
+def _weight_dtype(c: Costing, p: Pass, tier: str) -> str:
+    """The dtype whose matmul rates a compute op runs at: the substitute's low-bit kernels (``int8`` / ``int4``,
+    where the profile measured them) on its copies, else the weight dtype."""
+    if p.substitute and c.substituted(tier) and f"int{c.substitute_bits}" in c.profile.device.dtypes:
+        return f"int{c.substitute_bits}"
+    return c.weight_dtype
 
 
 # ---- units -------------------------------------------------------------------------------------------------------
@@ -203,7 +233,8 @@ def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> lis
     act = rows * (2 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim) * c.act
     compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
                  bytes=n * (_weight_bytes(c, p, "attention", tier) + act), shape=(rows, s.hidden_size, s.q_dim),
-                 dtype=c.weight_dtype, calls=n * CALLS["attn_proj"], group="attention", phase=p.phase, batch=p.batch,
+                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["attn_proj"], group="attention", phase=p.phase,
+                 batch=p.batch,
                  overheads=(("per_layer_s", n),) + _handoff(fetch, n))
     return fetch + [compute]
 
@@ -249,7 +280,7 @@ def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -
     act = rows * (2 * s.hidden_size + 2 * width) * c.act
     compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params[kind],
                  bytes=n * (_weight_bytes(c, p, kind, tier) + act), shape=(rows, s.hidden_size, width),
-                 dtype=c.weight_dtype, calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
+                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
                  overheads=_handoff(fetch, n))
     return fetch + [compute]
 
@@ -270,7 +301,7 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
     compute = Op(name, "host_compute" if on_host else "device_compute", "matmul",
                  flops=n * 2 * m * c.matmul_params["expert"],
                  bytes=n * (_weight_bytes(c, p, "expert", tier) + act), shape=(m, s.hidden_size, s.moe_intermediate_size),
-                 dtype=c.weight_dtype, calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
+                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
     if not on_host:
         return fetch + [compute]
     # Fiddler style: the expert's tokens go to the host, the result comes back
@@ -295,7 +326,7 @@ def lm_head_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
     rows = p.logit_rows
     compute = Op("lm_head", "device_compute", "matmul", flops=2 * rows * c.matmul_params["lm_head"],
                  bytes=_weight_bytes(c, p, "lm_head", tier) + c.sizes["final_norm"] + rows * s.vocab_size * 4,
-                 shape=(rows, s.hidden_size, s.vocab_size), dtype=c.weight_dtype, calls=CALLS["lm_head"],
+                 shape=(rows, s.hidden_size, s.vocab_size), dtype=_weight_dtype(c, p, tier), calls=CALLS["lm_head"],
                  group="lm_head", phase=p.phase, batch=p.batch, overheads=(("per_step_s", 1),) + _handoff(fetch))
     return fetch + [compute]
 

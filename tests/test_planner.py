@@ -212,7 +212,8 @@ def test_memory_accounting():
     assert total == spec.weight_bytes("float32")
     sub = hand_plan(spec, prof, experts=["device", "disk", "disk", "disk"], draft=DraftSpec(kind="substitute", bits=4),
                     draft_len=2, acceptance=0.9)
-    assert tier_bytes(sub)["decode"]["device"]["substitute"] == 6 * spec.tensors.params("experts", 0, 0) // 2  # int4 of 6 experts
+    # int4 of 6 experts in groups of 64, with a float32 scale and zero point per group: 4 + 64 / 64 bits a weight
+    assert tier_bytes(sub)["decode"]["device"]["substitute"] == 6 * spec.tensors.params("experts", 0, 0) * 5 // 8
     drafted = hand_plan(spec, prof, draft=DraftSpec(kind="model", name="d", spec=tiny_dense(layers=1)), draft_len=2,
                         acceptance=0.7)
     t = tier_bytes(drafted)["decode"]["device"]

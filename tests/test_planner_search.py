@@ -106,7 +106,13 @@ def test_substitute_memory_is_the_quantised_streamed_weights():
 
     t = tier_bytes(plan)["decode"]
     streamed = sum(v for item, v in t["disk"].items())
-    assert t["device"]["substitute"] == pytest.approx(streamed * 0.5 / 8 * 2, rel=1e-6)  # int4 of fp32 weights
+    # int4 of fp32 matrices in groups of 64 with a float32 scale and zero point each: 5 bits a weight, not 32;
+    # the streamed q/k norms are copied at full size
+    pl = plan.placement
+    vectors = sum(w.nbytes("float32") for w in spec.tensors.tensors
+                  if len(w.shape) == 1 and w.group == "attention" and pl.layers[w.layer].attention == "disk")
+    assert vectors > 0
+    assert t["device"]["substitute"] == pytest.approx((streamed - vectors) * 5 / 32 + vectors, rel=1e-6)
     assert spec.is_moe
 
 
@@ -146,6 +152,9 @@ def test_cli_calibration_and_explain(tmp_path):
     (["--model", "no-such-model", "--vram", "4"], "unknown model"),
     (["--model", "olmoe-1b-7b", "--vram", "4"], "specplan profile --quick"),  # no measured profile here
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int2"], "substitute:int8"),
+    (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int4:g0"],
+     "group size of 64, 32, 128, 256, not 0"),
+    (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "substitute:int8:hqq:hqq"], ":hqq"),
     (["--model", "olmoe-1b-7b", "--vram", "4", "--profile", "t4", "--draft", "mistral-7b"], "vocabulary"),
     (["--model", "mixtral-8x22b", "--vram", "0.2", "--profile", "rtx4090-pcie4"], "short by"),
     (["--model", "mixtral-8x7b", "--vram", "1000", "--profile", "rtx4090-pcie4"], "exceeds the device's memory"),
@@ -178,3 +187,21 @@ def test_the_headline_command_on_a_small_cpu_machine_suggests_the_bundled_gpu_pr
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert "exceeds this machine's memory" in r.output and "--profile rtx4090-pcie4" in r.output
     assert all(name in r.output for name in bundled_profiles()) and "specplan profile --show" in r.output
+
+
+def test_a_substitute_with_its_group_size_and_quantiser(tmp_path):
+    """``--draft substitute:int4:g128:hqq``: the plan keeps both; a larger group stores fewer scales."""
+    from specplan.planner.program import costing_of
+
+    prof = write_json(tmp_path / "cpu.json", cpu_profile())
+    bytes_at = {}
+    for draft in ("substitute:int4", "substitute:int4:g128:hqq"):
+        out = tmp_path / f"{draft.replace(':', '-')}.json"
+        r = run_cli("--model", "olmoe-1b-7b", "--vram", "10", "--profile", str(prof), "--draft", draft,
+                    "--acceptance", "0.9", "-o", str(out))
+        assert r.exit_code == 0, r.output
+        plan = load(Plan, out)
+        assert plan.draft.label == draft and plan.policy.speculative
+        bytes_at[draft] = costing_of(plan).quantised("expert")
+    assert load(Plan, tmp_path / "substitute-int4-g128-hqq.json").draft.quantiser == "hqq"
+    assert bytes_at["substitute:int4:g128:hqq"] < bytes_at["substitute:int4"]

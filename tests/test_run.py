@@ -102,14 +102,21 @@ def test_bad_inputs_give_one_line_and_exit_2(plan_file, model, tmp_path, tiny_mo
     assert not (tmp_path / "s").exists()
 
 
-def test_a_substitute_draft_plan_is_refused_not_run_without_its_draft(model, tmp_path):
+def test_a_substitute_draft_plan_runs_and_records_its_acceptance(model, tmp_path):
+    """``specplan run`` of a substitute:int8 plan: the target streams from disk, the draft is its low-bit copy; the
+    calibration file names the substitute."""
     from specplan.contracts.plan import DraftSpec
 
     folder, spec = model
-    data = make_plan(spec, Placement.uniform(spec, "device"), path=str(folder)).model_dump()
-    data["policy"].update(draft_len=4, acceptance=0.8)
-    data["draft"] = DraftSpec(kind="substitute", bits=4).model_dump()
-    plan = Plan.model_validate(data)
-    _one_line_error(invoke(write_json(tmp_path / "spec.json", plan), "-o", tmp_path / "r"),
-                    "quantised substitute", "--draft none")
-    assert not (tmp_path / "r").exists()
+    data = make_plan(spec, Placement.uniform(spec, "disk"), path=str(folder), prompt_len=40, gen_len=5,
+                     num_prompts=2).model_dump()
+    data["policy"].update(draft_len=3, acceptance=0.8)
+    data["draft"] = DraftSpec(kind="substitute", bits=8).model_dump()
+    out = tmp_path / "r"
+    r = invoke(write_json(tmp_path / "spec.json", Plan.model_validate(data)), "--fixed-length", "--num-prompts", 2,
+               "-o", out)
+    assert r.exit_code == 0, r.output
+    calib = json.loads((out / "calibration.json").read_text())
+    assert calib["acceptance"][0]["draft"] == "substitute:int8"
+    assert 0 < calib["acceptance"][0]["per_token_acceptance_mle"] <= 1
+    assert json.loads((out / "result.json").read_text())["measured"]["generated_tokens"] == 10

@@ -3,7 +3,7 @@ allocated, and what it held (reported after the run).
 
 Per tier: resident weights at the compute dtype (from the checkpoint's shapes), the KV caches of one wave (every
 interleaved batch, ``decode_batch`` rows of ``capacity`` positions, per layer on its tier), the draft model's
-weights and KV caches (on their plan tiers), the staging buffers
+weights and KV caches (on their plan tiers) or a substitute draft's copies (on the device), the staging buffers
 (prefetch ring + routed-expert pool, on the device), and activations (one pass's working memory). KV and activation
 bytes come from ``specplan.contracts.memory``, the same functions the planner calls.
 """
@@ -47,9 +47,10 @@ def draft_kv_bytes(plan: Plan, capacity: int, dtype_name: str) -> int:
 
 
 def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: int, dtype_name: str,
-                   draft_weight_bytes: int = 0) -> dict[str, dict[str, int]]:
+                   draft_weight_bytes: int = 0, substitute_bytes: int = 0) -> dict[str, dict[str, int]]:
     """tier -> item -> bytes the run will allocate (``capacity``: KV positions per sequence, draft_len included;
-    ``dtype_name``: the compute dtype, e.g. "float32")."""
+    ``dtype_name``: the compute dtype, e.g. "float32"; ``substitute_bytes``: a substitute draft's copies, on the
+    device, ``execute.substitute.substitute_bytes``; it shares the target's KV cache)."""
     weights = layout.weight_bytes()
     kv = kv_bytes_by_tier(plan, capacity, dtype_name)
     need = {t: {"weights": weights[t], "kv_cache": kv[t]} for t in TIERS}
@@ -57,6 +58,8 @@ def required_bytes(plan: Plan, layout: StoreLayout, capacity: int, prompt_len: i
         pl = plan.placement
         need[pl.draft_weights]["draft_weights"] = draft_weight_bytes
         need[pl.draft_kv]["draft_kv"] = draft_kv_bytes(plan, capacity, dtype_name)
+    if plan.policy.speculative and plan.draft.kind == "substitute":
+        need["device"]["substitute"] = substitute_bytes
     need["device"]["staging"] = layout.staging_bytes()
     need["device"]["activations"] = activation_bytes(plan, dtype_name, prompt_len, capacity)
     return need

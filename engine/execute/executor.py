@@ -133,7 +133,7 @@ class Executor:
                 logits = self._pass(batch.id, batch.kv.rows(start, start + len(seqs)), tokens, num_new, True)
                 for s, t in zip(seqs, self.sampler.pick(logits[:, 0], [s.index for s in seqs])[0]):
                     self._take(s, t)
-                if batch.draft is not None:
+                if batch.draft is not None and not batch.draft.shared:
                     with self.recorder.in_batch(batch.id):
                         draft_prefill(self.draft, batch.draft.kv.rows(start, start + len(seqs)),
                                       [s.prompt for s in seqs])
@@ -224,7 +224,7 @@ class Executor:
         if len(keep) < len(batch.seqs):
             batch.kv = batch.kv.select(keep) if keep else batch.kv
             if batch.draft is not None:
-                batch.draft = batch.draft.select(keep) if keep else batch.draft
+                batch.draft = batch.draft.select(keep, batch.kv) if keep else batch.draft
             batch.seqs = [batch.seqs[r] for r in keep]
 
     # ---- the run --------------------------------------------------------------------------------------------------
@@ -246,8 +246,10 @@ class Executor:
         for w, groups in enumerate(self.waves(seqs)):
             longest = max(len(s.prompt) for g in groups for s in g)
             capacity = kv_capacity(longest, self.max_new_tokens, self.plan.policy.draft_len)
-            batches = [Batch(b, g, self._allocate_kv(len(g), capacity), self._allocate_draft(len(g), capacity))
-                       for b, g in enumerate(groups)]
+            batches = []
+            for b, g in enumerate(groups):
+                kv = self._allocate_kv(len(g), capacity)
+                batches.append(Batch(b, g, kv, self._allocate_draft(len(g), capacity, kv)))
             self._note_kv(batches)
             for b in batches:
                 self.prefill(b)
@@ -264,9 +266,12 @@ class Executor:
     def _allocate_kv(self, rows: int, capacity: int) -> KVCache:
         return KVCache.allocate(self.spec, rows, capacity, self.dtype, self.kv_devices)
 
-    def _allocate_draft(self, rows: int, capacity: int) -> DraftState | None:
+    def _allocate_draft(self, rows: int, capacity: int, target_kv: KVCache) -> DraftState | None:
+        """The draft's state of a batch: its own cache, or the target's (``DraftModel.shares_kv``)."""
         if self.draft is None:
             return None
+        if self.draft.shares_kv:
+            return DraftState(target_kv, [], shared=True)
         kv = KVCache.allocate(self.draft.spec, rows, capacity, self.dtype, self.draft_kv_device)
         return DraftState(kv, [])
 
@@ -279,5 +284,5 @@ class Executor:
                 now[tier] += b.kv.layer_bytes(i)
         for t in now:
             self.stats.kv_peak_bytes[t] = max(self.stats.kv_peak_bytes[t], now[t])
-        draft = sum(b.draft.kv.bytes() for b in batches if b.draft is not None)
+        draft = sum(b.draft.kv.bytes() for b in batches if b.draft is not None and not b.draft.shared)
         self.stats.draft_kv_peak_bytes = max(self.stats.draft_kv_peak_bytes, draft)

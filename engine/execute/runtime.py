@@ -26,6 +26,7 @@ from specplan.engine.execute.executor import Executor, RunStats, SeqState
 from specplan.engine.io.offload import ensure_offload, layout_of
 from specplan.engine.execute.recorder import Recorder
 from specplan.engine.execute.speculative import DraftModel
+from specplan.engine.execute.substitute import check_substitute, substitute_bytes, substitute_source
 from specplan.engine.io.store import StoreLayout, layout_for, open_store
 from specplan.errors import InfeasibleError, SpecplanError
 from specplan.gguf import refuse_gguf_weights
@@ -44,15 +45,14 @@ def check_same_architecture(plan_spec: ModelSpec, spec: ModelSpec, where: str) -
                                 f"{plan_spec.name}, or plan for this model")
 
 
-def refuse_speculative(plan: Plan) -> None:
-    """The engine runs draft models (resident: on the device, or in host memory on a CPU); a plan with a quantised
-    substitute draft, or with the draft streamed from disk, would run without what it assumes, so it is refused."""
+def refuse_speculative(plan: Plan, device: torch.device | str = "cpu") -> None:
+    """The engine runs resident draft models (on the device, or in host memory on a CPU) and substitutes on the
+    CPU; a plan that streams its draft model from disk would run without what it assumes, so it is refused."""
     if not plan.policy.speculative:
         return
     if plan.draft.kind == "substitute":
-        raise SpecplanError(f"the plan drafts with the quantised substitute {plan.draft.label}, which the engine "
-                            f"does not run yet (draft models it does); search with --draft none or --draft "
-                            f"<draft model folder>")
+        check_substitute(plan, torch.device(device))
+        return
     if "disk" in (plan.placement.draft_weights, plan.placement.draft_kv):
         raise SpecplanError("the plan streams the draft from disk, which the engine does not do (it keeps the draft "
                             "resident); search again with more --vram, or with --draft none")
@@ -61,7 +61,7 @@ def refuse_speculative(plan: Plan) -> None:
 def open_draft_checkpoint(plan: Plan, folder: str | None):
     """The checkpoint of the plan's draft model (``folder`` overrides the plan's draft path), checked against the
     plan's draft spec; None for a plan without a draft. Opening reads only the index, not the weights."""
-    if not plan.policy.speculative:
+    if not plan.policy.speculative or plan.draft.kind != "model":
         return None
     from specplan.engine.model.checkpoint import open_checkpoint
 
@@ -117,10 +117,10 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     path) when the plan says so. ``synthetic_acceptance`` A (speculative plans; a benchmark mode, not lossless):
     each proposal is accepted with probability A from a seeded generator instead of by the target (the timeline's
     meta says so)."""
-    refuse_speculative(plan)
     if synthetic_acceptance is not None and not plan.policy.speculative:
         raise SpecplanError("a synthetic acceptance needs a speculative plan (one with a draft); this plan has none")
     device = torch.device(device)
+    refuse_speculative(plan, device)
     check_same_architecture(plan.model.spec, ckpt.spec, str(ckpt.folder))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SpecplanError("every prompt needs at least one token")
@@ -133,7 +133,9 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     capacity = kv_capacity(max(len(p) for p in prompts), max_new_tokens, plan.policy.draft_len)
     dckpt = open_draft_checkpoint(plan, draft_dir)
     draft_bytes = sum(e.nbytes for e in layout_of(dckpt, dtype_name).values()) if dckpt is not None else 0
-    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype_name, draft_bytes)
+    substitute = plan.policy.speculative and plan.draft.kind == "substitute"
+    sub_bytes = substitute_bytes(plan, layout, dtype) if substitute else 0
+    need = required_bytes(plan, layout, capacity, max(len(p) for p in prompts), dtype_name, draft_bytes, sub_bytes)
     try:
         check_budget(plan, need, available_memory_bytes() if device.type == "cpu" else None)
     except InfeasibleError as e:
@@ -151,8 +153,15 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
         on = {tier: device if tier == "device" else torch.device("cpu") for tier in ("device", "host")}
         draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),
                            recorder)
+    if substitute:
+        try:
+            src, sub_held = substitute_source(plan, ckpt, layout, store.resident, dtype, on_convert)
+        except BaseException:
+            store.close()
+            raise
+        draft = DraftModel(plan.model.spec, src, recorder, shares_kv=True)
     ex = Executor(plan, store, recorder, dtype, kv_devices, max_new_tokens, eos_ids, stop_at_eos, on_tokens, draft,
-                  on[plan.placement.draft_kv] if draft is not None else None,
+                  on[plan.placement.draft_kv] if dckpt is not None else None,
                   sampling or plan.workload.sampling, synthetic_acceptance)
     t0 = time.perf_counter()
     try:
@@ -165,7 +174,9 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     peak = {"device": {"weights": layout.weight_bytes()["device"], "kv_cache": ex.stats.kv_peak_bytes["device"],
                        "staging": layout.staging_bytes()},
             "host": {"weights": layout.weight_bytes()["host"], "kv_cache": ex.stats.kv_peak_bytes["host"]}}
-    if draft is not None:
+    if substitute:
+        peak["device"]["substitute"] = sub_held
+    if dckpt is not None:
         for item, tier, nbytes in (("draft_weights", plan.placement.draft_weights, draft_bytes),
                                    ("draft_kv", plan.placement.draft_kv, ex.stats.draft_kv_peak_bytes)):
             peak[tier][item] = nbytes

@@ -15,6 +15,12 @@ Per batch and round:
     rollback each cache keeps only what the committed tokens wrote: the target ``last, d1 .. dn``, the draft
              ``pending, d1 .. d(min(n, g-1))``; the next round's pending tokens are ``tn`` (or ``dg, tg``)
 
+A substitute draft (``DraftModel.shares_kv``) has no cache of its own: it proposes in the target's cache from the
+target's committed entries (its pending token is always the last committed one), writing provisional entries at the
+positions of ``last, d1 .. d(g-1)``; ``propose`` then lowers the lengths back, and the verification pass writes
+``last, d1 .. dg`` over exactly those positions, so no provisional entry survives. Sharing costs no memory and no
+draft prefill, and the draft attends to the target's own keys and values of the committed tokens.
+
 A sequence never commits past its limit or its first EOS (``commit`` stops at ``done``). Both caches are allocated
 ``draft_len`` positions beyond prompt + new tokens, for the verification pass's writes past the final token.
 """
@@ -34,28 +40,34 @@ from specplan.engine.model.forward import forward, pad_prompts
 
 @dataclass
 class DraftModel:
-    """A resident draft: its architecture and weights (any ``WeightSource``)."""
+    """A resident draft: its architecture and weights (any ``WeightSource``). A substitute of the target
+    (``shares_kv``) has the target's architecture and drafts in the target's own KV cache: its provisional entries
+    lie past the committed ones, and the verification pass overwrites every one of them."""
 
     spec: ModelSpec
     src: object
     tracer: object | None = None  # where its compute spans go (names prefixed "draft.")
+    shares_kv: bool = False
 
 
 @dataclass
 class DraftState:
     """A batch's draft cache and, per row, the committed tokens its cache does not hold yet."""
 
-    kv: KVCache
+    kv: KVCache  # the draft's own cache, or (``shared``) the target's
     pending: list[list[int]]
     seqs: list[int] = field(default_factory=list)  # the run's index of each row's sequence (its generator)
+    shared: bool = False  # ``kv`` is the target's cache (a substitute draft): it holds every committed token but one
     #: set by ``propose``: the cache lengths before it, how many pending tokens it fed per row, and (sampling) the
     #: draft's distribution of every proposal, [rows, g, vocab]
     base: list[int] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)
     q: torch.Tensor | None = None
 
-    def select(self, rows: Sequence[int]) -> "DraftState":
-        return DraftState(self.kv.select(rows), [self.pending[r] for r in rows], [self.seqs[r] for r in rows])
+    def select(self, rows: Sequence[int], target_kv: KVCache) -> "DraftState":
+        """The state of ``rows`` (``target_kv``: the target's cache of those rows, the one a shared state uses)."""
+        kv = target_kv if self.shared else self.kv.select(rows)
+        return DraftState(kv, [self.pending[r] for r in rows], [self.seqs[r] for r in rows], self.shared)
 
 
 @dataclass
@@ -132,6 +144,8 @@ def propose(draft: DraftModel, state: DraftState, g: int, sampler: Sampler) -> l
             row.append(t)
         tokens = torch.tensor(picked, dtype=torch.long).reshape(-1, 1)
     state.q = None if sampler.greedy else torch.stack(qs, dim=1)
+    if state.shared:  # the target's cache: its provisional entries stay, for the verification to overwrite
+        state.kv.set_lengths(state.base)
     return out
 
 
@@ -155,6 +169,9 @@ def rollback(target_kv: KVCache, state: DraftState, before: Sequence[int], accep
     each row's final committed token, the correction or the bonus)."""
     g = len(proposals[0]) if proposals else 0
     target_kv.set_lengths([b + 1 + n for b, n in zip(before, accepted)])
+    if state.shared:  # the target's cache now holds ``last, d1 .. dn``: only the final token is pending
+        state.pending = [[t] for t in last]
+        return
     state.kv.set_lengths([b + f + min(n, g - 1) for b, f, n in zip(state.base, state.fed, accepted)])
     state.pending = [[d[-1], t] if n == g else [t] for n, d, t in zip(accepted, proposals, last)]
 

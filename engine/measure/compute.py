@@ -3,7 +3,9 @@
 - Matmul: ``torch.nn.functional.linear(x [m, k], w [n, k])`` — the engine's linear layers — over decode-shaped
   (m = 1..512) and prefill-shaped rows, per weight shape (k, n) and dtype. Each call takes the next of several weight
   copies whose total is larger than the last-level cache, so small-m figures are the rate of streaming weights from
-  memory, as they are for a model's layers, not of re-reading a cached matrix.
+  memory, as they are for a model's layers, not of re-reading a cached matrix. On a CPU also the substitute draft's
+  low-bit matmuls (``int8``: per output row, ``int4``: groups of 64, the defaults; ``model.quant.LowBitLinear`` on
+  torch's int8 / int4 CPU kernels) with activations in bfloat16 where it is profiled, else float32.
 - Decode attention: ``scaled_dot_product_attention`` of one query token per sequence over a KV cache laid out
   [batch, kv_heads, seq, head_dim] with a boolean mask and GQA, through the engine's own ``attend``; the figure is
   KV bytes read per second over the KV bytes of one call.
@@ -20,9 +22,12 @@ from specplan.contracts.hardware import Curve, MatmulCurve, Point, Stat
 from specplan.contracts.memory import kv_bytes as kv_cache_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.engine.measure.timing import Ticker, interleaved_seconds, rate, sample_seconds
+from specplan.engine.model.quant import LowBitLinear, quantise
 
 #: at most this many weight / KV copies are rotated (tiny tensors would otherwise need thousands).
 MAX_COPIES = 4096
+#: weight-only low-bit matmuls (a substitute draft's) -> (bits, group size): the substitute's defaults
+LOWBIT_DTYPES = {"int8": (8, 0), "int4": (4, 64)}
 
 
 def last_level_cache_bytes() -> int | None:
@@ -47,22 +52,31 @@ def copies_for(nbytes: int, working_set_bytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(working_set_bytes / max(nbytes, 1))))
 
 
-def weight_copies(k: int, n: int, dtype: str, device: str, working_set_bytes: int) -> list:
+def weight_copies(k: int, n: int, dtype: str, device: str, working_set_bytes: int,
+                  activations: str = "float32") -> list:
+    """Weight copies ``[n, k]`` in ``dtype``; a low-bit dtype (``LOWBIT_DTYPES``) as packed ``LowBitLinear``s for
+    ``activations``."""
     import torch
 
     count = copies_for(int(k * n * dtype_bytes(dtype)), working_set_bytes)
     scale = 1 / math.sqrt(k)
+    if dtype in LOWBIT_DTYPES:
+        bits, group = LOWBIT_DTYPES[dtype]
+        return [LowBitLinear(quantise(torch.empty((n, k)).uniform_(-scale, scale), bits, group),
+                             _torch_dtype(activations)) for _ in range(count)]
     return [torch.empty((n, k), dtype=_torch_dtype(dtype), device=device).uniform_(-scale, scale) for _ in range(count)]
 
 
 def linear_call(weights: list, m: int):
-    """One ``F.linear`` of ``m`` rows per call, each call on the next of ``weights``."""
+    """One ``F.linear`` of ``m`` rows per call (a low-bit weight: its kernel), each call on the next of ``weights``."""
     import torch
     import torch.nn.functional as F
 
     w0 = weights[0]
     x = torch.empty((m, w0.shape[1]), dtype=w0.dtype, device=w0.device).uniform_(-1, 1)
     ws = cycle(weights)
+    if isinstance(w0, LowBitLinear):
+        return lambda: next(ws)(x)
     return lambda: F.linear(x, next(ws))
 
 
@@ -79,7 +93,8 @@ def matmul_curves(
     All points are sampled round-robin (``interleaved_seconds``).
     """
     curves = [(d, k, n) for d in dtypes for k, n in shapes]
-    weights = {c: weight_copies(c[1], c[2], c[0], device, working_set_bytes) for c in curves}
+    activations = "bfloat16" if "bfloat16" in dtypes else "float32"  # of the low-bit matmuls
+    weights = {c: weight_copies(c[1], c[2], c[0], device, working_set_bytes, activations) for c in curves}
     points = [(c, m) for c in curves for m in rows]
     fns = [linear_call(weights[c], m) for c, m in points]
     labels = [f"matmul {d} {k}x{n} m={m}" for (d, k, n), m in points]
@@ -103,7 +118,8 @@ def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[
 
     On CUDA: float32, float16 and bfloat16 where the GPU supports it. On a CPU: float32, plus bfloat16 only when it
     runs at least half as fast as float32 (on CPUs without AMX/bf16 units it is several times slower, and the engine
-    converts such weights to float32 to compute).
+    converts such weights to float32 to compute), plus the low-bit ``LOWBIT_DTYPES`` the engine's substitute drafts
+    run on the CPU (the planner takes them for a substitute's copies only, never as a weight dtype).
     """
     if device == "cuda":
         import torch
@@ -111,10 +127,13 @@ def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[
         dtypes = ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
         return dtypes, f"device matmul dtypes: {', '.join(dtypes)}"
     ratio = dtype_speed_ratio("bfloat16", device, reps, min_sample_s)
+    lowbit = (f"; the substitute draft's low-bit matmuls {', '.join(LOWBIT_DTYPES)} (weight-only, torch's CPU "
+              f"kernels)")
     if ratio >= 0.5:
-        return ["float32", "bfloat16"], f"bfloat16 F.linear runs at {ratio:.2f}x float32 here: profiled"
-    return ["float32"], (f"bfloat16 F.linear runs at {ratio:.2f}x float32 here (2048x2048, m=256): not profiled; "
-                         f"the engine computes in float32 on this CPU")
+        return (["float32", "bfloat16", *LOWBIT_DTYPES],
+                f"bfloat16 F.linear runs at {ratio:.2f}x float32 here: profiled{lowbit}")
+    return ["float32", *LOWBIT_DTYPES], (f"bfloat16 F.linear runs at {ratio:.2f}x float32 here (2048x2048, m=256): "
+                                         f"not profiled; the engine computes in float32 on this CPU{lowbit}")
 
 
 def decode_attention(q, k, v, mask):

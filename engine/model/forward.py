@@ -65,7 +65,7 @@ def _span(tracer: Tracer | None, name: str, resource: str, layer: int | None, fl
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(t.nbytes for t in tensors if t is not None)  # a tensor's, or a low-bit weight's packed bytes
 
 
 # ---- an in-memory weight source ----------------------------------------------------------------------------------
@@ -160,7 +160,11 @@ def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | N
 
 
 def _linear(x, w, b=None):
-    return F.linear(x, w, b)
+    """``x @ w.T + b``; ``w`` a tensor, or a low-bit weight (``quant.LowBitLinear``, a substitute draft's)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w(x)
+    return y if b is None else y + b
 
 
 def gated_ffn(x: torch.Tensor, w: Mapping[str, torch.Tensor], act, prefix: str = "") -> torch.Tensor:

@@ -28,9 +28,9 @@ DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 @click.option("--profile", "profile_arg", default=None,
               help="Hardware profile: bundled name or file [default: this machine's newest measured profile].")
 @click.option("--draft", "drafts", multiple=True,
-              help="Draft to consider (repeatable): none, substitute:int8, substitute:int4, or a catalog name / "
-                   "model folder sharing the target's vocabulary [default: none, both substitutes, and catalog "
-                   "drafts that match].")
+              help="Draft to consider (repeatable): none, substitute:int8, substitute:int4 (optionally :g<group "
+                   "size> and :hqq, e.g. substitute:int4:g128:hqq), or a catalog name / model folder sharing the "
+                   "target's vocabulary [default: none, both substitutes, and catalog drafts that match].")
 @click.option("--acceptance", type=click.FloatRange(0, 1), default=None,
               help="Per-token acceptance of the draft(s), measured elsewhere [default: --calibration, else a "
                    "documented prior, printed as an assumption].")

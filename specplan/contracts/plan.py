@@ -29,6 +29,11 @@ class ModelRef(_Strict):
     spec: ModelSpec
 
 
+#: group sizes a substitute draft of each width takes, the default first: the int4 CPU kernel's group sizes;
+#: 8-bit per output row (0, the int8 kernel's layout) or in groups
+SUBSTITUTE_GROUP_SIZES: dict[int, tuple[int, ...]] = {4: (64, 32, 128, 256), 8: (0, 32, 64, 128, 256)}
+
+
 class DraftSpec(_Strict):
     """The speculative draft: none, a small model, or a quantised substitute of the target."""
 
@@ -36,22 +41,51 @@ class DraftSpec(_Strict):
     name: str | None = None  # catalog name or folder of a draft model
     path: str | None = None  # local weights folder of the draft model
     bits: Literal[4, 8] | None = None  # substitute: bits per weight of the quantised copy
+    #: substitute: input columns sharing one scale (0: one group per output row); None: the default for its bits,
+    #: 64 (4-bit) or 0 (8-bit) (``group``)
+    group_size: int | None = Field(None, ge=0, le=1 << 16)
+    #: substitute: how scales are chosen: round-to-nearest from each group's range (None, the default), or
+    #: error-minimising (HQQ-style) (``method``)
+    quantiser: Literal["rtn", "hqq"] | None = None
     spec: ModelSpec | None = None  # architecture of a draft model
 
     @model_validator(mode="after")
     def _consistent(self) -> "DraftSpec":
         if self.kind == "model" and (self.spec is None or not self.name):
             raise ValueError("a draft of kind 'model' needs a name and a spec")
-        if self.kind == "substitute" and self.bits is None:
-            raise ValueError("a draft of kind 'substitute' needs bits (4 or 8)")
+        if self.kind == "substitute":
+            if self.bits is None:
+                raise ValueError("a draft of kind 'substitute' needs bits (4 or 8)")
+            if self.group not in SUBSTITUTE_GROUP_SIZES[self.bits]:
+                sizes = ", ".join(map(str, SUBSTITUTE_GROUP_SIZES[self.bits]))
+                raise ValueError(f"an int{self.bits} substitute takes a group size of {sizes}"
+                                 f"{' (0: one group per row)' if self.bits == 8 else ''}, not {self.group}")
+        elif self.group_size is not None or self.quantiser is not None:
+            raise ValueError("only a substitute draft takes a group size and a quantiser")
         if self.kind == "none" and (self.name or self.spec or self.bits):
             raise ValueError("a draft of kind 'none' takes no name, spec or bits")
         return self
 
     @property
+    def group(self) -> int:
+        """A substitute's group size (the default for its bits where the plan leaves it unset); 0 otherwise."""
+        if self.kind != "substitute":
+            return 0
+        if self.group_size is not None:
+            return self.group_size
+        return SUBSTITUTE_GROUP_SIZES[self.bits or 8][0]
+
+    @property
+    def method(self) -> str:
+        """A substitute's quantiser: ``rtn`` unless the plan says ``hqq``."""
+        return self.quantiser or "rtn"
+
+    @property
     def label(self) -> str:
+        """``substitute:int4`` (with ``:g<size>`` / ``:hqq`` where not the defaults), the model's name, or none."""
         if self.kind == "substitute":
-            return f"substitute:int{self.bits}"
+            extra = "" if self.group == SUBSTITUTE_GROUP_SIZES[self.bits][0] else f":g{self.group}"
+            return f"substitute:int{self.bits}{extra}" + (":hqq" if self.method == "hqq" else "")
         if self.kind == "model":
             return self.name or "model"
         return "none"

@@ -125,6 +125,17 @@ class TensorTable:
         for (group, layer, expert), (n, _) in self._instances.items():
             yield group, layer, expert, n
 
+    @cached_property
+    def _members(self) -> dict[tuple[str, int | None, int | None], tuple[WeightTensor, ...]]:
+        out: dict[tuple[str, int | None, int | None], tuple[WeightTensor, ...]] = {}
+        for t in self.tensors:
+            out[(t.group, t.layer, t.expert)] = out.get((t.group, t.layer, t.expert), ()) + (t,)
+        return out
+
+    def members(self, group: str, layer: int | None = None, expert: int | None = None) -> tuple[WeightTensor, ...]:
+        """The tensors of one placed piece (``instances``)."""
+        return self._members.get((group, layer, expert), ())
+
     def params(self, group: str, layer: int | None = None, expert: int | None = None) -> int:
         """Parameters of ``group``'s tensors at ``layer`` (None: the model-level ones) and ``expert``; 0 if none."""
         return self._instances.get((group, layer, expert), (0, 0))[0]
@@ -165,6 +176,36 @@ class TensorTable:
         """Matrix parameters one token is multiplied by, the output head included (also when tied)."""
         n = sum(t.params for t in self.tensors if t.matmul and self._active(t))
         return n + (self.head.params if self.tied_head else 0)
+
+
+#: the int4 CPU kernel (``_convert_weight_to_int4pack_for_cpu``) packs output rows in tiles of this many.
+INT4_ROW_TILE = 16
+
+
+def substitute_quantises(t: WeightTensor, bits: int, group_size: int, as_head: bool = False) -> bool:
+    """Whether a substitute draft keeps a low-bit copy of ``t``: a matrix the forward multiplies by (the embedding
+    only as a tied output head, ``as_head``), not a router or a shared-expert gate (they stay at full precision, as
+    do norms, biases and the embedding lookup), whose input width is a whole number of groups and, at 4 bits, whose
+    output rows fill the kernel's tiles."""
+    if len(t.shape) != 2 or t.group == "norms_router" or t.name.endswith("shared_gate"):
+        return False
+    if not (t.matmul or (as_head and t.name == "embed")):
+        return False
+    n, k = t.shape
+    if group_size and k % group_size:
+        return False
+    return bits == 8 or n % INT4_ROW_TILE == 0
+
+
+def substitute_nbytes(t: WeightTensor, bits: int, group_size: int, dtype: str, as_head: bool = False) -> int:
+    """Bytes of a substitute draft's copy of ``t``: ``bits`` per weight plus, per group of ``group_size`` input
+    columns of a row (0: the whole row), a scale (4-bit: and a zero point) at ``dtype``, the activations' dtype;
+    a tensor it does not quantise (``substitute_quantises``) at full size at ``dtype``."""
+    if not substitute_quantises(t, bits, group_size, as_head):
+        return t.nbytes(dtype)
+    n, k = t.shape
+    groups = n * (k // group_size if group_size else 1)
+    return n * k * bits // 8 + nbytes(groups * (2 if bits == 4 else 1), dtype)
 
 
 def tensor_table(spec: ModelSpec) -> TensorTable:
