@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from specplan.engine.model.checkpoint import convert_scratch
 from specplan.errors import SpecplanError
 
 #: placement groups of the canonical tensor names (engine_api.md); the order is the file order within a layer.
@@ -171,10 +172,11 @@ def _convert(ckpt: Any, dtype: str, folder: Path, entries: dict[str, Entry], pro
     units = units_in_file_order(ckpt.tensors)
 
     def chunks() -> Iterator[bytes]:
+        scratch = convert_scratch()
         for names in units.values():
             parts = []
             for n in names:
-                t = ckpt.read(n, dtype=tdtype).contiguous()
+                t = ckpt.read(n, dtype=tdtype, scratch=scratch).contiguous()
                 if tuple(t.shape) != entries[n].shape:
                     raise SpecplanError(f"{ckpt.folder}: tensor {n} has shape {tuple(t.shape)}, its index says {entries[n].shape}")
                 parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())

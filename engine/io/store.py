@@ -22,6 +22,7 @@ import torch
 from specplan.contracts.plan import Plan
 from specplan.engine.io.offload import Entry, UnitKey, unit_of
 from specplan.engine.io.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
+from specplan.engine.model.checkpoint import convert_scratch
 
 
 def tier_of(key: UnitKey, plan: Plan) -> str:
@@ -257,9 +258,9 @@ def open_store(plan: Plan, ckpt, layout: StoreLayout, offload, recorder, dtype: 
     """Load the resident tensors, allocate the staging buffers and start the fetch threads."""
     from specplan.engine.io.directio import open_direct
 
-    resident = {}
+    resident, scratch = {}, convert_scratch()
     for n, tier in layout.resident.items():
-        t = ckpt.read(n, dtype=dtype)
+        t = ckpt.read(n, dtype=dtype, scratch=scratch)
         if device.type == "cuda":
             t = t.to(device) if tier == "device" else t.pin_memory()
         resident[n] = t

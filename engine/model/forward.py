@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
+from specplan.engine.model.checkpoint import convert_scratch
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -85,7 +86,8 @@ class MemorySource:
     @classmethod
     def from_checkpoint(cls, ckpt, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Read every tensor of an opened ``Checkpoint``, converted to ``dtype``."""
-        tensors = {n: ckpt.read(n, dtype).to(device) for n in ckpt.tensors}
+        scratch = convert_scratch()
+        tensors = {n: ckpt.read(n, dtype, scratch).to(device) for n in ckpt.tensors}
         if "lm_head" not in tensors:  # tied head
             tensors["lm_head"] = tensors["embed"]
         return cls(tensors)
