@@ -16,6 +16,7 @@ from runtime_fixtures import cpu_profile
 
 from specplan.cli import main
 from specplan.engine.build import models
+from specplan.contracts.plan import Plan
 from specplan.jsonio import load, write_json
 
 
@@ -95,3 +96,31 @@ def test_demo_goes_on_after_kill_9_keeping_every_finished_run(tiny_model, tmp_pa
     r = CliRunner().invoke(main, [*args, "--fresh"])
     assert r.exit_code == 0 and "kept the finished run" not in r.output and "kept best trial" not in r.output
     assert best.stat().st_mtime_ns != kept[best][1]
+
+
+def test_on_a_busy_machine_the_demo_plans_on_the_refused_profile_and_says_so(tiny_model, tmp_path, monkeypatch):
+    """No measured profile and `specplan profile --quick` refuses (contended): the demo goes on with the refused
+    measurement kept apart, says so in bold, and stores nothing as the machine's profile; with nothing kept either,
+    it stops with one line."""
+    from specplan.catalog import contended_profiles_dir, measured_profiles
+    from specplan.validation import demo
+
+    draft = tiny_model("llama")
+    target = models.upcycle_to_mixtral(draft, tmp_path / "moe", num_experts=4, top_k=2, noise=0.3, seed=3)
+    monkeypatch.setattr(models, "build_demo", lambda log=None: models.DemoModels(target=target, draft=draft))
+    real_run = subprocess.run
+
+    def profile_refused(cmd, *a, **k):  # `specplan profile --quick` refuses; the runs' own processes run
+        return subprocess.CompletedProcess(cmd, 2) if "profile" in cmd else real_run(cmd, *a, **k)
+
+    monkeypatch.setattr(demo.subprocess, "run", profile_refused)
+    args = ["demo", "--vram", "0.01", "--num-prompts", "2", "--gen-len", "3", "--reps", "1", "-o", str(tmp_path / "d")]
+    r = CliRunner().invoke(main, args)
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 2 and last.startswith("Error:") and "did not store one" in last and "Traceback" not in r.output
+    kept = write_json(contended_profiles_dir() / "vm-busy.json", cpu_profile())
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert f"plans on the refused, contended measurement {kept}" in " ".join(r.output.split())
+    assert not measured_profiles()
+    assert load(Plan, tmp_path / "d" / "plan.json").profile.name == cpu_profile().name
