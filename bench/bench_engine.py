@@ -7,11 +7,12 @@ The demo target (SmolLM2 upcycled into a Mixtral-architecture MoE, built and cac
 a resident budget of ``--vram`` GiB (most experts on disk): the best plans without a draft that fetch whole layers
 and only the routed experts (the disk-bound plans the goals are about), and the best speculative plans with
 SmolLM2 as the draft, with one and with two interleaved batches, at the draft acceptance measured first on held-out
-prompts. The plans run in turn, ``--repeat`` times, with O_DIRECT reads. Per run, from the measured timeline: the
+prompts. Each plan runs as ``specplan run --fixed-length`` in its own fresh process (``validation.trials``), the
+plans interleaved, ``--repeat`` times, with O_DIRECT reads, in the dtype the search chose from the profile. Per run, from the measured timeline: the
 disk's busy fraction of decode, and the decode throughput against the bound "busiest resource 100% busy" (the
 tokens of a steady-state round over the largest per-resource busy time of that round, as the planner costs it from
 the profile); the speculative plans' speedup over the best plan without a draft, paired run by run. Prints medians
-and ratios measured in this one process; exits 1 if a median of a disk-bound plan misses a goal.
+and ratios measured in this one benchmark; exits 1 if a median of a disk-bound plan misses a goal.
 A VM's disk changes speed from minute to minute (1.1 to 2.5 GB/s seen here within an hour, the profile an hour old
 is off by that much): the O_DIRECT read of the offload file itself is measured again before and after each run (the
 profiler's per-size reads, then a 1.5 s stream for the sustained figure), and the bound of the goal, like a second
@@ -35,12 +36,14 @@ BOUND_GOAL = 0.85
 STREAM_S = 1.5  # seconds of back-to-back 64 MiB reads of the offload file before and after each run
 
 
-def decode_bound_tok_s(plan, result) -> tuple[float, str]:
+def decode_bound_tok_s(plan, report: dict) -> tuple[float, str]:
     """Decode tokens per second if the busiest resource were busy all the time: the tokens of one steady-state round
-    over the largest per-resource busy time of that round, as the planner costs it from the plan's profile."""
-    from specplan.validation.compare import prediction_for
+    over the largest per-resource busy time of that round, as the planner costs it from the plan's profile for the
+    workload the run had (``report``: its result.json)."""
+    from specplan.planner.predict import predict
+    from specplan.validation.calibrate import ran_workload
 
-    pred, _ = prediction_for(plan, result)
+    pred = predict(plan.model_copy(update={"workload": ran_workload(plan, report), "prediction": None}))
     resource = max(pred.round_busy_s, key=pred.round_busy_s.get)
     return pred.tokens_per_round / pred.round_busy_s[resource], resource
 
@@ -66,51 +69,54 @@ def achieved_read_Bps(timeline) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None, help="hardware profile [default: this machine's newest measured one]")
-    ap.add_argument("--vram", type=float, default=1.0, help="resident budget in GiB (the target holds ~2.4 GiB)")
+    ap.add_argument("--vram", type=float, default=1.0, help="resident budget in GiB (the target holds ~1.2 GiB in bf16)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--csv", default="bench/results/engine.csv", help="where the rows go ('' for nowhere)")
+    ap.add_argument("--out", default="results/bench-engine")
     args = ap.parse_args()
 
-    from specplan.catalog import load_model_spec, load_profile
-    from specplan.contracts.plan import Capacities, Workload
+    from pathlib import Path
+
+    from specplan.catalog import load_profile
+    from specplan.contracts.plan import Plan
+    from specplan.contracts.timeline import Timeline
     from specplan.engine.build.models import build_demo
-    from specplan.engine.model.checkpoint import open_checkpoint
-    from specplan.engine.io.offload import ensure_offload
     from specplan.engine.execute.results import decode_busy_fraction
-    from specplan.engine.execute.runtime import run_plan
-    from specplan.planner.drafts import choices
-    from specplan.planner.search import Ask, search
-    from specplan.validation.compare import comparison, prediction_for, simulated_for
-    from specplan.validation.demo import CALIBRATION_PROMPTS
+    from specplan.engine.io.offload import ensure_offload
+    from specplan.engine.model.checkpoint import open_checkpoint
+    from specplan.jsonio import load, write_atomic, write_json
+    from specplan.planner.asking import make_ask
+    from specplan.planner.search import search
+    from specplan.validation.calibrate import predicted, ran_workload
+    from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
+    from specplan.validation.grid import simulated
     from specplan.validation.runs import read_prompts
+    from specplan.validation.trials import Contender, run_fresh, run_trials
 
     demo = build_demo(log=print)
-    ckpt = open_checkpoint(demo.target)
-    tok = ckpt.tokenizer()
-    texts = read_prompts(None)
-    held_out = [tok(t)["input_ids"] for t in texts[:CALIBRATION_PROMPTS]]
-    rest = texts[CALIBRATION_PROMPTS:]
-    prompts = [tok(rest[i % len(rest)])["input_ids"] for i in range(args.prompts)]
     profile = load_profile(args.profile)
-    spec = load_model_spec(str(demo.target))
-    print(f"{spec.name} on {profile.name}: {args.prompts} prompts x {args.tokens} tokens, resident budget "
+    out_dir = Path(args.out)
+    texts = read_prompts(None)
+    held_out, rest = texts[:CALIBRATION_PROMPTS], texts[CALIBRATION_PROMPTS:]
+    files = {n: write_atomic(out_dir / f"{n}.txt", "\n".join(t) + "\n") for n, t in (("held_out", held_out),
+                                                                                     ("workload", rest))}
+    prompt_len = longest_prompt(demo.target, texts)
+    print(f"{demo.target.name} on {profile.name}: {args.prompts} prompts x {args.tokens} tokens, resident budget "
           f"{args.vram:g} GiB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    offload = ensure_offload(ckpt, "float32").path
 
-    def searched(drafts: list[str], acceptance: float | None, n: int) -> list:
-        workload = Workload(prompt_len=max(len(p) for p in held_out + prompts), gen_len=args.tokens, num_prompts=n)
-        return search(Ask(spec=spec, model_name=spec.name, profile=profile,
-                          capacities=Capacities(device_bytes=int(args.vram * 2**30)), workload=workload,
-                          drafts=tuple(choices(drafts, spec, spec.name, acceptance, None)), top=50,
-                          model_path=str(demo.target))).plans
+    def searched(drafts: tuple[str, ...], acceptance: float | None, n: int) -> list:
+        return search(make_ask(str(demo.target), args.vram, None, None, args.profile, drafts, acceptance, None,
+                               prompt_len, args.tokens, n, 50)).plans
 
-    calib = run_plan(searched([str(demo.draft)], None, len(held_out))[0], ckpt, held_out, args.tokens)
-    acceptance = calib.stats.acceptance.per_token
+    calib_plan = write_json(out_dir / "calibration" / "plan.json", searched((str(demo.draft),), None,
+                                                                            len(held_out))[0])
+    calib, _ = run_fresh(calib_plan, files["held_out"], len(held_out), out_dir / "calibration" / "run")
+    acceptance = calib["acceptance"]["measured"]
     print(f"draft {demo.draft.name}: acceptance {acceptance:.3f} per token measured on {len(held_out)} held-out "
-          f"prompts ({calib.stats.acceptance.rounds} sequence-rounds)")
-    found = searched(["none", str(demo.draft)], acceptance, args.prompts)
+          f"prompts ({calib['acceptance']['sequence_rounds']} sequence-rounds)")
+    found = searched(("none", str(demo.draft)), acceptance, args.prompts)
 
     def best(test) -> object | None:
         return next((p for p in found if test(p.policy)), None)
@@ -122,24 +128,35 @@ def main() -> None:
     for name in [n for n, p in plans.items() if p is None]:
         print(f"{name}: no plan among the searched ones")
     plans = {n: p for n, p in plans.items() if p is not None}
+    dtype = next(iter(plans.values())).policy.weight_dtype
+    offload = ensure_offload(open_checkpoint(demo.target), dtype).path  # the disk is measured on the file read
+    contenders = [Contender(n, write_json(out_dir / n.replace(", ", "-").replace(" ", "_") / "plan.json", p),
+                            out_dir / n.replace(", ", "-").replace(" ", "_")) for n, p in plans.items()]
+    disk: dict[tuple[str, int], tuple] = {}
+
+    def around(trials) -> None:  # the disk measured again after each trial (and so before the next one)
+        t = trials[-1]
+        disk[(t.contender, t.rep)] = (last[0], disk_now(profile, offload))
+        last[0] = disk[(t.contender, t.rep)][1]
+
+    last = [disk_now(profile, offload)]
+    trials = run_trials(contenders, files["workload"], args.prompts, args.repeat, resume=False, on_trial=around)
     runs: dict[str, list[dict]] = {n: [] for n in plans}
-    for _ in range(args.repeat):  # the plans alternate, so that all meet the disk in the same moods
-        for name, plan in plans.items():
-            before = disk_now(profile, offload)
-            out = run_plan(plan, ckpt, prompts, args.tokens)
-            after = disk_now(profile, offload)
-            stored, resource = decode_bound_tok_s(plan, out)
-            now = statistics.mean(decode_bound_tok_s(plan.model_copy(update={"profile": p}), out)[0]
-                                  for p in (before, after))
-            disk_Bps = statistics.mean(p.link("disk_read_direct").sustained_Bps.median for p in (before, after))
-            busy = decode_busy_fraction(plan, out.timeline)
-            simulated = simulated_for(plan, out).summary.decode_tok_s
-            r = row(plan, out, comparison(plan, out), busy, simulated, resource, stored, now, disk_Bps)
-            r["predicted_now_decode_tok_s"] = statistics.mean(
-                prediction_for(plan.model_copy(update={"profile": p}), out)[0].decode_tok_s for p in (before, after))
-            r["signed_error_predicted_now"] = ((r["predicted_now_decode_tok_s"] - r["measured_decode_tok_s"])
-                                               / r["measured_decode_tok_s"])
-            runs[name].append({"plan": name, **r})
+    for t in trials:
+        plan = load(Plan, next(c.plan_file for c in contenders if c.name == t.contender))
+        timeline = load(Timeline, Path(t.folder) / "timeline.json")
+        before, after = disk[(t.contender, t.rep)]
+        stored, resource = decode_bound_tok_s(plan, t.report)
+        now = statistics.mean(decode_bound_tok_s(plan.model_copy(update={"profile": p}), t.report)[0]
+                              for p in (before, after))
+        disk_Bps = statistics.mean(p.link("disk_read_direct").sustained_Bps.median for p in (before, after))
+        sim = simulated(plan, ran_workload(plan, t.report)).summary.decode_tok_s
+        r = row(plan, timeline, t.report, decode_busy_fraction(plan, timeline), sim, resource, stored, now, disk_Bps)
+        r["predicted_now_decode_tok_s"] = statistics.mean(predicted(plan, p, t.report)["decode_tok_s"]
+                                                          for p in (before, after))
+        r["signed_error_predicted_now"] = ((r["predicted_now_decode_tok_s"] - r["measured_decode_tok_s"])
+                                           / r["measured_decode_tok_s"])
+        runs[t.contender].append({"plan": t.contender, **r})
     misses, rows = 0, []
     for name, plan in plans.items():
         rs = runs[name]
@@ -151,10 +168,11 @@ def main() -> None:
         pol = plan.policy
         each = ", ".join(f"{r['measured_decode_tok_s']:.2f}" for r in rs)
         print(f"{name}: {pol.num_batches} x {pol.decode_batch}, draft length {pol.draft_len}, fetch "
-              f"{pol.expert_fetch}, prefetch depth {pol.prefetch_depth}: decode {med['measured_decode_tok_s']:.2f} "
-              f"tok/s median (runs {each}); disk busy {med['disk_busy_fraction_decode']:.0%} of decode, the "
-              f"engine's reads at {med['achieved_read_Bps'] / 1e9:.2f} GB/s = {got:.2f} x the disk's stream measured "
-              f"around each run ({med['disk_now_sustained_Bps'] / 1e9:.2f} GB/s; the stored profile says "
+              f"{pol.expert_fetch}, prefetch depth {pol.prefetch_depth}, weights in {pol.weight_dtype}: decode "
+              f"{med['measured_decode_tok_s']:.2f} tok/s median (runs {each}, each in its own process); disk busy "
+              f"{med['disk_busy_fraction_decode']:.0%} of decode, the engine's reads at "
+              f"{med['achieved_read_Bps'] / 1e9:.2f} GB/s = {got:.2f} x the disk's stream measured around each run "
+              f"({med['disk_now_sustained_Bps'] / 1e9:.2f} GB/s; the stored profile says "
               f"{profile_64MiB_Bps(profile) / 1e9:.2f})")
         print(f"  signed error of the prediction {med['signed_error_predicted']:+.1%} with the stored profile, "
               f"{med['signed_error_predicted_now']:+.1%} with the disk measured around each run; of the simulation "
@@ -169,8 +187,6 @@ def main() -> None:
     speedups(runs)
     if args.csv and rows:
         import pandas as pd
-
-        from specplan.jsonio import write_atomic
 
         path = write_atomic(args.csv, pd.DataFrame(rows).to_csv(index=False))
         print(f"wrote {len(rows)} rows to {path}")
@@ -195,7 +211,7 @@ def profile_64MiB_Bps(profile) -> float:
     return 64 * MiB / profile.link("disk_read_direct").time_s(64 * MiB)
 
 
-def row(plan, out, report: dict, busy: dict, simulated: float, resource: str, bound: float, bound_now: float,
+def row(plan, timeline, report: dict, busy: dict, simulated: float, resource: str, bound: float, bound_now: float,
         disk_now_Bps: float) -> dict:
     m, p = report["measured"], report["predicted"]
     acc = report.get("acceptance") or {}
@@ -210,13 +226,13 @@ def row(plan, out, report: dict, busy: dict, simulated: float, resource: str, bo
             "bound_now_decode_tok_s": bound_now, "bound_resource": resource,
             "measured_e2e_tok_s": m["e2e_tok_s"], "predicted_e2e_tok_s": p["e2e_tok_s"],
             "profile_64MiB_Bps": profile_64MiB_Bps(plan.profile), "disk_now_sustained_Bps": disk_now_Bps,
-            "achieved_read_Bps": achieved_read_Bps(out.timeline),
+            "achieved_read_Bps": achieved_read_Bps(timeline),
             "disk_busy_fraction_decode": busy.get("disk_read", 0.0),
             "compute_busy_fraction_decode": busy.get("device_compute", 0.0),
-            "prefetch_wait_s": float(out.wait_s.get("prefetch_wait_s", 0.0)),
+            "prefetch_wait_s": float(report["wait_s"].get("prefetch_wait_s", 0.0)),
             "signed_error_predicted": (p["decode_tok_s"] - m["decode_tok_s"]) / m["decode_tok_s"],
             "signed_error_simulated": (simulated - m["decode_tok_s"]) / m["decode_tok_s"],
-            "o_direct": bool(out.direct_io)}
+            "o_direct": bool(report["o_direct"])}
 
 
 if __name__ == "__main__":
