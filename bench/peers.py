@@ -22,7 +22,7 @@ Throughput figures, all over the tokens asked for (prompts x tokens): end-to-end
 imports, load, prefill, decode); generation = prefill + decode after the load; decode-only = after each
 sequence's first new token; time to first token from the start of generation. Peak memory: the process's own
 VmHWM and the group's peak (page cache included). Greedy outputs are compared token for token with the first
-contender's that finished. Writes one row per run to ``--csv``, the summary to ``OUT/peers.json``, a bar chart to
+contender's that finished. Writes one row per run to ``--csv``, the summary beside it (``peers.json``), a bar chart to
 ``--png``; prints the table.
 """
 
@@ -244,7 +244,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(args.csv), pd.DataFrame([{k: v for k, v in r.items() if k != "token_ids"}
                                                for r in runs]).to_csv(index=False))
-    write_json(setup["out"] / "peers.json", {
+    write_json(Path(args.csv).with_suffix(".json"), {
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "limit_bytes": limit, "method": METHOD,
         "prompts": args.prompts, "tokens": args.tokens, "repeat": args.repeat, "dtype": setup["dtype"],
         "vram_gib": args.vram, "profile": setup["profile"], "calibration": setup["calibration"],

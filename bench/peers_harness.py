@@ -60,8 +60,8 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def oom_kills(group: Path) -> int:
-    """The group's OOM kills so far (``memory.oom_control``'s oom_kill; 0 where the kernel does not say)."""
+def oom_kills(group: Path) -> int | None:
+    """The group's OOM kills so far (``memory.oom_control``'s oom_kill; None where the kernel does not say)."""
     try:
         for line in (group / "memory.oom_control").read_text().splitlines():
             key, _, value = line.partition(" ")
@@ -69,7 +69,7 @@ def oom_kills(group: Path) -> int:
                 return int(value)
     except (OSError, ValueError):
         pass
-    return 0
+    return None
 
 
 def drop_caches(path: Path = DROP_CACHES) -> bool:
@@ -111,7 +111,9 @@ def run_in_group(cmd: list[str], group: Path, log: Path, timeout_s: float, env: 
             os.killpg(proc.pid, signal.SIGKILL)
             rc, status = proc.wait(), "timeout"
     wall = time.perf_counter() - t0
-    if status == "failed" and (oom_kills(group) > kills or rc in (-signal.SIGKILL, 137)):
+    after = oom_kills(group)
+    if status == "failed" and (after > kills if after is not None and kills is not None
+                               else rc in (-signal.SIGKILL, 137)):  # a kernel that does not count: a SIGKILL
         status = "oom-killed"
     return Run(status, rc, wall, read_int(group / "memory.max_usage_in_bytes"), cold, log)
 
