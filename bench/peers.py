@@ -16,7 +16,9 @@ Contenders: ``accelerate`` (transformers ``device_map="auto"``, ``max_memory`` =
 ``offload_folder``: the rest on disk; all prompts in one left-padded batch), ``assisted`` (the same with
 ``assistant_model`` = the demo draft; one prompt at a time, as transformers runs it), ``specplan-nodraft`` (the best
 plan without a draft at a resident budget of ``--vram`` GiB) and ``specplan-best`` (the planner's choice with the
-draft and its measured acceptance), each as ``specplan run --fixed-length``. llama.cpp is not a contender yet.
+draft and its measured acceptance), each as ``specplan run --fixed-length``, and ``llamacpp-bf16`` (``peers_llamacpp``:
+llama.cpp vendored in the llama-cpp-python sdist, built once, the model converted to a bf16 GGUF by llama.cpp's own
+converter, ``llama-server`` with one parallel slot per prompt and its mmap loading).
 
 Throughput figures, all over the tokens asked for (prompts x tokens): end-to-end = the whole process (start,
 imports, load, prefill, decode); generation = prefill + decode after the load; decode-only = after each
@@ -36,12 +38,13 @@ import sys
 import time
 from pathlib import Path
 
+import peers_llamacpp
 from peers_harness import (METHOD, Run, compare_tokens, fmt, fmt_spread, make_group, ratio_of_medians,
                            remove_group, run_in_group, spread, table)
 
 from specplan.errors import SpecplanError
 
-CONTENDERS = ("accelerate", "assisted", "specplan-nodraft", "specplan-best")
+CONTENDERS = ("accelerate", "assisted", "llamacpp-bf16", "specplan-nodraft", "specplan-best")
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 FIGURES = ("e2e_tok_s", "gen_tok_s", "decode_tok_s", "ttft_s", "startup_load_s", "peak_rss_bytes",
@@ -63,6 +66,8 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
     ap.add_argument("--calibration", default=None, help="the draft's measured acceptance [default: measured here]")
     ap.add_argument("--trial-timeout", type=float, default=900.0)
+    ap.add_argument("--llama-sdist", default="/tmp/lcp/llama_cpp_python-0.3.16.tar.gz",
+                    help="the llama-cpp-python sdist from PyPI whose vendored llama.cpp is built once")
     ap.add_argument("--csv", default="bench/results/peers.csv")
     ap.add_argument("--png", default="bench/results/peers.png")
     ap.add_argument("--out", default="results/bench-peers")
@@ -83,7 +88,7 @@ def run(args) -> None:
     limit = int(args.limit_gib * GIB)
     group = make_group(limit)  # fails in one line before any set-up where the limit cannot be applied
     try:
-        setup = prepare(args)
+        setup = prepare(args, names)
         commands = {n: contender_command(n, setup, args) for n in names}
         runs = []
         for rep in range(1, args.repeat + 1):
@@ -103,9 +108,9 @@ def run(args) -> None:
     report(runs, names, setup, args, limit)
 
 
-def prepare(args) -> dict:
+def prepare(args, names: list[str]) -> dict:
     """Models, profile, prompts (text and token ids), calibration and specplan's two plans."""
-    from specplan.catalog import measured_profiles
+    from specplan.catalog import measured_profiles, user_dir
     from specplan.contracts.plan import Plan
     from specplan.engine.build.models import build_demo
     from specplan.engine.model.checkpoint import open_checkpoint
@@ -140,11 +145,13 @@ def prepare(args) -> dict:
     search_step(**common, drafts=("none",), num_prompts=args.prompts, top=1,
                 output=out / "specplan-nodraft" / "plan.json")
     plans = {n: load(Plan, out / n / "plan.json") for n in ("specplan-best", "specplan-nodraft")}
+    llama = (peers_llamacpp.setup(Path(args.llama_sdist), user_dir() / "llama.cpp", demo.target)
+             if "llamacpp-bf16" in names else None)
     dtype = plans["specplan-best"].policy.weight_dtype
     ids = encode_prompts(open_checkpoint(demo.target).tokenizer(), workload)
     return {"out": out, "target": demo.target, "draft": demo.draft, "profile": profile, "dtype": dtype,
             "prompts_file": files["workload"], "ids_file": write_json(out / "prompt_ids.json", ids),
-            "plans": plans, "calibration": calibration, "asked_tokens": args.prompts * args.tokens}
+            "plans": plans, "calibration": calibration, "llama": llama, "asked_tokens": args.prompts * args.tokens}
 
 
 def contender_command(name: str, setup: dict, args):
@@ -154,6 +161,11 @@ def contender_command(name: str, setup: dict, args):
         return lambda folder: [sys.executable, "-m", "specplan", "run", str(plan), "--fixed-length", "--prompts",
                                str(setup["prompts_file"]), "--num-prompts", str(args.prompts), "--max-new-tokens",
                                str(args.tokens), "-o", str(folder)]
+    if name == "llamacpp-bf16":
+        bin_dir, gguf = setup["llama"]
+        return lambda folder: [sys.executable, str(HERE / "peers_llamacpp.py"), "run", "--bin", str(bin_dir), "--gguf",
+                               str(gguf), "--ids", str(setup["ids_file"]), "--tokens", str(args.tokens), "-o",
+                               str(folder / "result.json")]
     hf = [sys.executable, str(HERE / "peers_hf.py"), "--model", str(setup["target"]), "--ids", str(setup["ids_file"]),
           "--tokens", str(args.tokens), "--dtype", setup["dtype"], "--max-memory-bytes", str(int(args.vram * GIB)),
           *(("--assistant", str(setup["draft"])) if name == "assisted" else ())]

@@ -57,7 +57,7 @@ def test_an_unknown_contender_is_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: --contenders: unknown vllm; use some of accelerate, assisted, "
-                                                "specplan-nodraft, specplan-best"]
+                                                "llamacpp-bf16, specplan-nodraft, specplan-best"]
 
 
 @pytest.fixture
