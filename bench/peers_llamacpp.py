@@ -28,6 +28,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from specplan.errors import SpecplanError
+
 T0 = time.perf_counter()
 VENDORED = "vendor/llama.cpp/"
 #: in the vendored converter (llama-cpp-python 0.3.16) this name also maps to FFN_GATE (for SmallThinker) after its
@@ -40,6 +42,10 @@ def setup(sdist: Path, cache: Path, model: Path, log=print) -> tuple[Path, Path]
     """(the folder of the built binaries, the bf16 GGUF), building and converting only what is missing."""
     src, build = cache / "src", cache / "build"
     if not (src / "convert_hf_to_gguf.py").exists():
+        if not sdist.is_file():
+            raise SpecplanError(f"{sdist}: no llama-cpp-python sdist there and no llama.cpp in {src}; download it "
+                                f"with `pip download --no-binary :all: --no-deps llama-cpp-python==0.3.16`, or leave "
+                                f"llamacpp-bf16 out of --contenders")
         with tarfile.open(sdist) as tar:
             root = tar.getnames()[0].split("/")[0] + "/"
             members = [m for m in tar.getmembers() if m.name.startswith(root + VENDORED)]
@@ -53,19 +59,26 @@ def setup(sdist: Path, cache: Path, model: Path, log=print) -> tuple[Path, Path]
     server = build / "bin" / "llama-server"
     if not server.exists():
         t = time.perf_counter()
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"], check=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", "llama-server"],
-                       check=True)
+        step(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"], "configuring llama.cpp")
+        step(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", "llama-server"],
+             "building llama-server")
         log(f"built llama.cpp in {time.perf_counter() - t:.0f} s")
     gguf = cache / "gguf" / f"{model.name}-bf16.gguf"
     if not gguf.exists():
         gguf.parent.mkdir(parents=True, exist_ok=True)
         tmp = gguf.with_suffix(".tmp")
-        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(tmp),
-                        "--outtype", "bf16"], check=True, env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+        step([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(tmp), "--outtype",
+              "bf16"], "converting the model to GGUF (it needs sentencepiece and mistral_common)",
+             {**os.environ, "PYTHONPATH": str(src / "gguf-py")})
         os.replace(tmp, gguf)
     return server.parent, gguf
+
+
+def step(cmd: list[str], what: str, env: dict | None = None) -> None:
+    """A set-up command; a SpecplanError in one line if it fails (its output is above)."""
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise SpecplanError(f"llama.cpp set-up: {what} failed (`{' '.join(cmd[:3])} ...`, its output above)")
 
 
 def post(url: str, body: dict) -> dict:

@@ -100,3 +100,11 @@ def test_the_accelerate_child_offloads_to_disk_and_gives_transformers_greedy_tok
     assert res["generated_tokens"] == 12 and res["decode_tokens"] == 10 and res["batch"] == 2
     assert 0 < res["ttft_s"] <= res["gen_s"] and res["decode_tok_s"] > 0 and res["peak_rss_bytes"] > 0
     assert res["token_ids"] == [hf_greedy(folder, p, 6) for p in prompts]
+
+
+def test_llama_cpp_set_up_without_the_sdist_or_a_build_is_one_line(tmp_path):
+    import peers_llamacpp
+
+    with pytest.raises(SpecplanError, match="no llama-cpp-python sdist there") as e:
+        peers_llamacpp.setup(tmp_path / "missing.tar.gz", tmp_path / "cache", tmp_path / "model")
+    assert "\n" not in str(e.value)
