@@ -40,24 +40,17 @@ def main() -> None:
 
     import pandas as pd
 
-    from specplan.catalog import measured_profiles
+    from demo_setup import demo_bench
+
     from specplan.contracts.calibration import Calibration
-    from specplan.engine.build.models import build_demo
     from specplan.jsonio import load, write_atomic, write_json
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
-    from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
-    from specplan.validation.runs import read_prompts
     from specplan.validation.trials import VOID_OTHERS, run_fresh
 
-    demo = build_demo(log=print)
-    profile = args.profile or (str(measured_profiles()[0]) if measured_profiles() else None)
-    if profile is None:
-        sys.exit("no measured profile of this machine: run `specplan profile --quick` first")
     out = Path(args.out)
-    texts = read_prompts(None)[CALIBRATION_PROMPTS:]
-    prompts = write_atomic(out / "prompts.txt", "\n".join(texts) + "\n")
-    prompt_len = longest_prompt(demo.target, texts)
+    bench = demo_bench(out, args.profile)
+    profile, prompts, prompt_len = bench.profile, bench.workload, bench.prompt_len
     calibration = Path("results/demo/calibration/calibration.json")
     acceptance = args.acceptance
     if acceptance is None and calibration.is_file():
@@ -65,13 +58,13 @@ def main() -> None:
         acceptance, where = rec.per_token_acceptance_mle, f"the demo's calibration ({calibration})"
     else:
         where = "--acceptance"
-    drafts = ("none", str(demo.draft)) if acceptance is not None else ("none",)
+    drafts = ("none", str(bench.draft)) if acceptance is not None else ("none",)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; profile {profile}; drafts "
           f"{', '.join(drafts)}" + (f" at acceptance {acceptance:.3f} from {where}" if acceptance is not None else ""))
 
     plans: dict[str, Path] = {}
     for name, dtype in (("profile's choice", None), ("float32", "float32")):
-        ask = make_ask(str(demo.target), args.vram, None, None, profile, drafts, acceptance, None, prompt_len,
+        ask = make_ask(str(bench.target), args.vram, None, None, profile, drafts, acceptance, None, prompt_len,
                        args.tokens, args.prompts, 3, dtype=dtype)
         best = search(ask).plans[0]
         plans[name] = write_json(out / f"{best.policy.weight_dtype}-plan.json", best)

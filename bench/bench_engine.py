@@ -79,10 +79,11 @@ def main() -> None:
 
     from pathlib import Path
 
+    from demo_setup import demo_bench
+
     from specplan.catalog import load_profile
     from specplan.contracts.plan import Plan
     from specplan.contracts.timeline import Timeline
-    from specplan.engine.build.models import build_demo
     from specplan.engine.execute.results import decode_busy_fraction
     from specplan.engine.io.offload import ensure_offload
     from specplan.engine.model.checkpoint import open_checkpoint
@@ -90,33 +91,28 @@ def main() -> None:
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
     from specplan.validation.calibrate import predicted, ran_workload
-    from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
     from specplan.validation.grid import simulated
-    from specplan.validation.runs import read_prompts
     from specplan.validation.trials import Contender, run_fresh, run_trials
 
-    demo = build_demo(log=print)
-    profile = load_profile(args.profile)
     out_dir = Path(args.out)
-    texts = read_prompts(None)
-    held_out, rest = texts[:CALIBRATION_PROMPTS], texts[CALIBRATION_PROMPTS:]
-    files = {n: write_atomic(out_dir / f"{n}.txt", "\n".join(t) + "\n") for n, t in (("held_out", held_out),
-                                                                                     ("workload", rest))}
-    prompt_len = longest_prompt(demo.target, texts)
-    print(f"{demo.target.name} on {profile.name}: {args.prompts} prompts x {args.tokens} tokens, resident budget "
+    bench = demo_bench(out_dir, args.profile)
+    profile = load_profile(bench.profile)
+    files = {"held_out": bench.held_out, "workload": bench.workload}
+    prompt_len = bench.prompt_len
+    print(f"{bench.target.name} on {profile.name}: {args.prompts} prompts x {args.tokens} tokens, resident budget "
           f"{args.vram:g} GiB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     def searched(drafts: tuple[str, ...], acceptance: float | None, n: int) -> list:
-        return search(make_ask(str(demo.target), args.vram, None, None, args.profile, drafts, acceptance, None,
+        return search(make_ask(str(bench.target), args.vram, None, None, bench.profile, drafts, acceptance, None,
                                prompt_len, args.tokens, n, 50)).plans
 
-    calib_plan = write_json(out_dir / "calibration" / "plan.json", searched((str(demo.draft),), None,
-                                                                            len(held_out))[0])
-    calib, _ = run_fresh(calib_plan, files["held_out"], len(held_out), out_dir / "calibration" / "run")
+    calib_plan = write_json(out_dir / "calibration" / "plan.json", searched((str(bench.draft),), None,
+                                                                            bench.held_out_count)[0])
+    calib, _ = run_fresh(calib_plan, files["held_out"], bench.held_out_count, out_dir / "calibration" / "run")
     acceptance = calib["acceptance"]["measured"]
-    print(f"draft {demo.draft.name}: acceptance {acceptance:.3f} per token measured on {len(held_out)} held-out "
+    print(f"draft {bench.draft.name}: acceptance {acceptance:.3f} per token measured on {bench.held_out_count} held-out "
           f"prompts ({calib['acceptance']['sequence_rounds']} sequence-rounds)")
-    found = searched(("none", str(demo.draft)), acceptance, args.prompts)
+    found = searched(("none", str(bench.draft)), acceptance, args.prompts)
 
     def best(test) -> object | None:
         return next((p for p in found if test(p.policy)), None)
@@ -129,7 +125,7 @@ def main() -> None:
         print(f"{name}: no plan among the searched ones")
     plans = {n: p for n, p in plans.items() if p is not None}
     dtype = next(iter(plans.values())).policy.weight_dtype
-    offload = ensure_offload(open_checkpoint(demo.target), dtype).path  # the disk is measured on the file read
+    offload = ensure_offload(open_checkpoint(bench.target), dtype).path  # the disk is measured on the file read
     contenders = [Contender(n, write_json(out_dir / n.replace(", ", "-").replace(" ", "_") / "plan.json", p),
                             out_dir / n.replace(", ", "-").replace(" ", "_")) for n, p in plans.items()]
     disk: dict[tuple[str, int], tuple] = {}

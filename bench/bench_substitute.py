@@ -46,35 +46,27 @@ def main() -> None:
 
     import pandas as pd
 
-    from specplan.catalog import measured_profiles
+    from demo_setup import demo_bench
+
     from specplan.contracts.calibration import Calibration
     from specplan.contracts.plan import Plan
-    from specplan.engine.build.models import build_demo
     from specplan.jsonio import load, write_atomic, write_json
     from specplan.planner.asking import make_ask
     from specplan.planner.predict import predict
     from specplan.planner.search import search
-    from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
-    from specplan.validation.runs import read_prompts
     from specplan.validation.trials import Contender, run_fresh, run_trials, summarise
 
-    demo = build_demo(log=print)
-    profile = args.profile or (str(measured_profiles()[0]) if measured_profiles() else None)
-    if profile is None:
-        sys.exit("no measured profile of this machine: run `specplan profile --quick` first")
     out = Path(args.out)
-    texts = read_prompts(None)
-    held_out, workload = texts[:CALIBRATION_PROMPTS], texts[CALIBRATION_PROMPTS:]
-    files = {n: write_atomic(out / f"{n}.txt", "\n".join(t) + "\n") for n, t in (("held_out", held_out),
-                                                                                 ("workload", workload))}
-    prompt_len = longest_prompt(demo.target, texts)
+    bench = demo_bench(out, args.profile)
+    profile, prompt_len = bench.profile, bench.prompt_len
+    files = {"held_out": bench.held_out, "workload": bench.workload}
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; profile {profile}")
 
     # 1. acceptance at one draft length, each draft in its own process
     records, acc_rows = [], []
-    for draft in (str(demo.draft), *SUBSTITUTES):
-        ask = make_ask(str(demo.target), args.vram, None, None, profile, (draft,), None, None, prompt_len,
-                       args.tokens, len(held_out), 1)
+    for draft in (str(bench.draft), *SUBSTITUTES):
+        ask = make_ask(str(bench.target), args.vram, None, None, profile, (draft,), None, None, prompt_len,
+                       args.tokens, bench.held_out_count, 1)
         plan = search(ask).plans[0]
         # the same placement (the same weights streamed, so the same substitute) at draft length g; the longer KV
         # cache gets room of its own: acceptance does not depend on the budget
@@ -83,7 +75,7 @@ def main() -> None:
                                        "capacities": caps, "prediction": None})
         plan = plan.model_copy(update={"prediction": predict(plan)})
         folder = out / "acceptance" / plan.draft.label.replace(":", "-").replace("/", "_")
-        report, _ = run_fresh(write_json(folder / "plan.json", plan), files["held_out"], len(held_out),
+        report, _ = run_fresh(write_json(folder / "plan.json", plan), files["held_out"], bench.held_out_count,
                               folder / "run")
         acc = report["acceptance"]
         records += load(Calibration, folder / "run" / "calibration.json").acceptance
@@ -108,7 +100,7 @@ def main() -> None:
         sys.exit(0 if beats else 1)
 
     # 2. the best plan of each kind, fresh processes, interleaved
-    ask = make_ask(str(demo.target), args.vram, None, None, profile, ("none", str(demo.draft), *SUBSTITUTES), None,
+    ask = make_ask(str(bench.target), args.vram, None, None, profile, ("none", str(bench.draft), *SUBSTITUTES), None,
                    str(calibration), prompt_len, args.tokens, args.prompts, 200)
     plans = search(ask).plans
     best: dict[str, Plan] = {}
