@@ -16,31 +16,23 @@ measured in this one benchmark; writes one row per run to ``--csv``; exits 1 if 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 from pathlib import Path
+
+from demo_setup import demo_arguments, demo_bench
 
 SPEEDUP_GOAL = 1.7
 ERROR_GOAL = 0.10
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
-    ap.add_argument("--vram", type=float, default=1.0)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = demo_arguments(__doc__.splitlines()[0], "results/bench-dtype", "bench/results/dtype.csv")
     ap.add_argument("--acceptance", type=float, default=None)
-    ap.add_argument("--csv", default="bench/results/dtype.csv")
-    ap.add_argument("--out", default="results/bench-dtype")
     args = ap.parse_args()
 
     import pandas as pd
-
-    from demo_setup import demo_bench
 
     from specplan.contracts.calibration import Calibration
     from specplan.jsonio import load, write_atomic, write_json

@@ -25,10 +25,11 @@ busy fractions, and the signed errors ``(predicted - measured) / measured``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
+
+from demo_setup import demo_arguments, demo_bench
 
 MiB = 1 << 20
 DISK_BUSY_GOAL = 0.85
@@ -67,19 +68,10 @@ def achieved_read_Bps(timeline) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default=None, help="hardware profile [default: this machine's newest measured one]")
-    ap.add_argument("--vram", type=float, default=1.0, help="resident budget in GiB (the target holds ~1.2 GiB in bf16)")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--csv", default="bench/results/engine.csv", help="where the rows go ('' for nowhere)")
-    ap.add_argument("--out", default="results/bench-engine")
+    ap = demo_arguments(__doc__.splitlines()[0], "results/bench-engine", "bench/results/engine.csv")
     args = ap.parse_args()
 
     from pathlib import Path
-
-    from demo_setup import demo_bench
 
     from specplan.catalog import load_profile
     from specplan.contracts.plan import Plan
@@ -91,7 +83,7 @@ def main() -> None:
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
     from specplan.validation.calibrate import predicted, ran_workload
-    from specplan.validation.grid import simulated
+    from specplan.validation.compare import simulated_at
     from specplan.validation.trials import Contender, run_fresh, run_trials
 
     out_dir = Path(args.out)
@@ -146,7 +138,7 @@ def main() -> None:
         now = statistics.mean(decode_bound_tok_s(plan.model_copy(update={"profile": p}), t.report)[0]
                               for p in (before, after))
         disk_Bps = statistics.mean(p.link("disk_read_direct").sustained_Bps.median for p in (before, after))
-        sim = simulated(plan, ran_workload(plan, t.report)).summary.decode_tok_s
+        sim = simulated_at(plan, ran_workload(plan, t.report)).summary.decode_tok_s
         r = row(plan, timeline, t.report, decode_busy_fraction(plan, timeline), sim, resource, stored, now, disk_Bps)
         r["predicted_now_decode_tok_s"] = statistics.mean(predicted(plan, p, t.report)["decode_tok_s"]
                                                           for p in (before, after))

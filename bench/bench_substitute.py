@@ -21,32 +21,24 @@ draft, model draft, substitute) is the one measured fastest.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
+
+from demo_setup import demo_arguments, demo_bench
 
 SUBSTITUTES = ("substitute:int8", "substitute:int4", "substitute:int4:hqq")
 ROOM_BYTES = 256 << 20  # the acceptance runs' extra device budget for the KV cache of draft length --draft-len
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
-    ap.add_argument("--vram", type=float, default=1.0)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = demo_arguments(__doc__.splitlines()[0], "results/bench-substitute", "bench/results/substitute.csv")
     ap.add_argument("--draft-len", type=int, default=8)
-    ap.add_argument("--csv", default="bench/results/substitute.csv")
-    ap.add_argument("--out", default="results/bench-substitute")
     ap.add_argument("--acceptance-only", action="store_true", help="step 1 only (acceptance is not a timing)")
     args = ap.parse_args()
 
     import pandas as pd
-
-    from demo_setup import demo_bench
 
     from specplan.contracts.calibration import Calibration
     from specplan.contracts.plan import Plan

@@ -4,6 +4,7 @@ acceptance, the rest the workload), written as prompt files, with the longest pr
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,19 @@ class DemoBench:
     workload: Path
     prompt_len: int  # the longest prompt in tokens, in the chat template: the plans' KV caches must hold it
     held_out_count: int
+
+
+def demo_arguments(description: str, out: str, csv: str) -> argparse.ArgumentParser:
+    """The options every demo benchmark takes: profile, resident budget, workload, repetitions, where rows go."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
+    ap.add_argument("--vram", type=float, default=1.0, help="resident budget in GiB (the target: ~1.2 GiB in bf16)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--csv", default=csv, help="where the rows go")
+    ap.add_argument("--out", default=out, help="folder for the plans and the runs")
+    return ap
 
 
 def demo_bench(out: Path, profile: str | None) -> DemoBench:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from specplan.contracts.hardware import CalibrationFit, HardwareProfile
 from specplan.contracts.plan import Plan, Workload
+from specplan.engine.execute.results import workload_of
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_atomic, write_json
 from specplan.planner.predict import predict
@@ -75,9 +76,8 @@ def split(plans: int) -> tuple[list[int], list[int]]:
 
 
 def ran_workload(plan: Plan, report: dict) -> Workload:
-    wl = report["workload"]
-    return Workload(prompt_len=max(1, round(wl["prompt_len_mean"])), gen_len=wl["gen_len"],
-                    num_prompts=wl["num_prompts"], sampling=plan.workload.sampling)
+    """The workload a run (its result.json body) had, at the plan's sampling."""
+    return workload_of(report["workload"], plan.workload.sampling)
 
 
 def predicted(plan: Plan, profile: HardwareProfile, report: dict, acceptance: float | None = None) -> dict:

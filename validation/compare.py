@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specplan.contracts.plan import Headroom, Plan, Prediction
+from specplan.contracts.plan import Headroom, Plan, Prediction, Workload
 from specplan.engine.execute.results import decode_routing, measured, measured_workload
 from specplan.planner.expect import expected_distinct_experts, expected_tokens_per_seq, survival
 from specplan.planner.predict import predict
@@ -38,9 +38,14 @@ def prediction_for(plan: Plan, out, acceptance: float | None = None,
 
 def simulated_for(plan: Plan, out, seed: int = 0):
     """The simulator's ``Simulation`` of the plan on the workload that ran (seeded draws)."""
+    return simulated_at(plan, measured_workload(out), seed)
+
+
+def simulated_at(plan: Plan, workload: Workload, seed: int = 0):
+    """The simulator's ``Simulation`` of the plan on ``workload`` (seeded draws)."""
     from specplan.simulator import simulate
 
-    return simulate(plan.model_copy(update={"workload": measured_workload(out), "prediction": None}), seed=seed)
+    return simulate(plan.model_copy(update={"workload": workload, "prediction": None}), seed=seed)
 
 
 def acceptance_report(plan: Plan, out) -> dict[str, Any] | None:

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from specplan.contracts.plan import Plan, Workload
+from specplan.contracts.plan import Plan
 from specplan.errors import SpecplanError
 from specplan.jsonio import write_atomic, write_json
-from specplan.validation.compare import SYNTHETIC_NOTE
+from specplan.validation.calibrate import ran_workload
+from specplan.validation.compare import SYNTHETIC_NOTE, simulated_at
 from specplan.validation.runs import FIXED_LENGTH, FIXED_LENGTH_WORKLOAD, plan_id
 from specplan.validation.trials import Contender, Trial, run_trials, spread
 
@@ -162,9 +163,7 @@ def rows_of(chosen: list[GridPlan], trials: list[Trial]) -> list[dict]:
 def row(i: int, g: GridPlan, trials: list[Trial]) -> dict:
     """One plan's predicted, simulated and measured numbers (medians over its trials; units in the key names)."""
     plan, first = g.plan, trials[0].report
-    wl = first["workload"]
-    sim = simulated(plan, Workload(prompt_len=max(1, round(wl["prompt_len_mean"])), gen_len=wl["gen_len"],
-                                   num_prompts=wl["num_prompts"], sampling=plan.workload.sampling))
+    sim = simulated_at(plan, ran_workload(plan, first))
     pol = plan.policy
     resident = sum(first["need_bytes"].get(t, {}).get("weights", 0) for t in ("device", "host"))
     r = {"plan": i, "plan_id": plan_id(plan), "vram_gib": g.vram_gib, "chosen": g.chosen, "draft": plan.draft.label,
@@ -192,13 +191,6 @@ def row(i: int, g: GridPlan, trials: list[Trial]) -> dict:
         r[f"measured_{res}_busy_s"] = statistics.median(t.report["measured"]["busy_s"].get(res, 0.0) for t in trials)
         r[f"predicted_{res}_busy_s"] = first["predicted"]["busy_s"].get(res, 0.0)
     return r
-
-
-def simulated(plan: Plan, workload: Workload):
-    """The simulator's ``Simulation`` of the plan on the workload that ran (seeded draws)."""
-    from specplan.simulator import simulate
-
-    return simulate(plan.model_copy(update={"workload": workload, "prediction": None}), seed=0)
 
 
 def median_of(values: list) -> float | None:

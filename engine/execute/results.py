@@ -11,14 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from specplan.contracts.plan import Plan, Workload
+from specplan.contracts.plan import Plan, Sampling, Workload
 from specplan.contracts.timeline import Timeline, merged_busy_s, physical_resource
 
 
 def measured_workload(out) -> Workload:
     """The workload the run really had: mean real prompt length, tokens per sequence, prompts."""
-    m = out.timeline.meta
-    return Workload(prompt_len=max(1, round(m["prompt_len_mean"])), gen_len=m["gen_len"], num_prompts=m["num_prompts"])
+    return workload_of(out.timeline.meta)
+
+
+def workload_of(meta: dict, sampling: Sampling = Sampling()) -> Workload:
+    """The workload a run's timeline meta (or its result.json's ``workload``) records, decoded as ``sampling``."""
+    return Workload(prompt_len=max(1, round(meta["prompt_len_mean"])), gen_len=meta["gen_len"],
+                    num_prompts=meta["num_prompts"], sampling=sampling)
 
 
 def busy_by_physical_resource(plan: Plan, timeline: Timeline, start_s: float | None = None,
