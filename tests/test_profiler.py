@@ -354,3 +354,14 @@ def test_unwritable_output_fails_before_measuring(tmp_path, monkeypatch):
 def test_cuda_without_cuda_is_one_line():
     r = run("profile", "--device", "cuda")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "--device cpu" in r.output
+
+
+def test_working_set_exceeds_the_cache_but_not_the_memory():
+    from specplan.engine.measure.profiler import default_working_set
+    from specplan.fmt import GiB, MiB
+
+    assert default_working_set(32 * MiB, 24 * GiB) == 128 * MiB  # at least 128 MiB
+    assert default_working_set(64 * MiB, 24 * GiB) == 256 * MiB  # 4 x the cache
+    # a VM that reports its host's whole L3 (480 MiB): bounded by the host's memory, not 1.9 GiB per curve
+    assert default_working_set(480 * MiB, 24 * GiB) == 384 * MiB
+    assert default_working_set(None, 4 * GiB) == 128 * MiB

@@ -59,7 +59,7 @@ class ProfileConfig:
     #: catalog model whose attention geometry (heads, KV heads, head dim) the decode-attention test uses.
     attention_model: str = "llama-3.1-8b"
     membw_bytes: int = 256 * MiB
-    #: total bytes of the rotated weight / KV copies; None = max(128 MiB, 4 x the last-level cache).
+    #: bytes of the rotated weight / KV copies per curve; None = ``default_working_set``.
     working_set_bytes: int | None = None
     #: CPU threads torch computes with while measuring; None = torch's default (all cores).
     threads: int | None = None
@@ -102,12 +102,20 @@ class ProfileConfig:
         """Defaults filled in from this machine: the offload folder and the working set."""
         from specplan.catalog import user_dir
 
-        llc = pc.last_level_cache_bytes() or 32 * MiB
         return replace(
             self,
             offload_dir=Path(self.offload_dir or user_dir() / "offload").expanduser(),
-            working_set_bytes=self.working_set_bytes or max(128 * MiB, 4 * llc),
+            working_set_bytes=self.working_set_bytes or default_working_set(pc.last_level_cache_bytes(),
+                                                                            host_memory_bytes()),
         )
+
+
+def default_working_set(llc_bytes: int | None, host_bytes: int) -> int:
+    """Bytes of weight copies each matmul curve rotates over: 4 x the last-level cache, at least 128 MiB, and at
+    most 1/64 of the host's memory. All curves are held at once and sampled round-robin, so together they exceed
+    the cache many times even where a VM reports its host's whole shared L3 (480 MiB here: 4 x that per curve over a
+    dozen curves was more than the machine's 24 GiB)."""
+    return max(128 * MiB, min(4 * (llc_bytes or 32 * MiB), host_bytes // 64))
 
 
 def check_device(device: str) -> str:
