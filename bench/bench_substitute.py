@@ -8,7 +8,7 @@ draft, model draft, substitute) is the one measured fastest.
 
 1. Acceptance: each draft (SmolLM2-135M, ``substitute:int8``, ``substitute:int4``, ``substitute:int4:hqq``) runs its best plan at the
    budget (so the substitute replaces the weights that plan streams), set to the same draft length ``--draft-len``
-   (with ``ROOM_BYTES`` more budget for that longer KV cache), on the demo's 4 held-out calibration prompts, greedy, each in its own fresh
+   (with ``ROOM_BYTES`` more budget for that longer KV cache), on the demo's 12 held-out calibration prompts, greedy, each in its own fresh
    process; the measured acceptance length (tokens per sequence and verification, the accepted proposals plus the
    target's own token) and the per-token acceptance go into one calibration file.
 2. Throughput: one search at ``--vram`` GiB (most of the target's experts stream from disk; the int4 substitute of

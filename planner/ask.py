@@ -87,7 +87,8 @@ def caps_of(ask: Ask) -> dict[str, float | None]:
 def shape_for(ask: Ask, draft: DraftChoice, g: int, nb: int, batch: int, prefill: int) -> Shape:
     wl = ask.workload
     sizes = wl.wave_sizes(nb * batch)
-    rounds = sum(expected_rounds(draft.acceptance, g, wl.gen_len - 1, n, draft.curve) for n in sizes)
+    rounds = sum(expected_rounds(draft.acceptance, g, wl.gen_len - 1, n, draft.curve, draft.sequence_curves)
+                 for n in sizes)
     return Shape(decode_batch=batch, num_batches=nb, prefill_batch=prefill, draft_len=g,
                  rounds=rounds, prefill_passes=sum(math.ceil(n / prefill) for n in sizes),
                  decode_context=mean_decode_context(wl.prompt_len, wl.gen_len),

@@ -1,6 +1,7 @@
 """Time of one ``Op`` on a ``HardwareProfile``: a roofline over achieved rates plus fixed overheads.
 
-    compute:   max(flops / achieved_flops(shape, dtype), bytes / memory_bandwidth) + calls * per_op_s
+    compute:   max(flops / achieved_flops(shape, dtype), bytes / memory_bandwidth) + act_bytes / elementwise_Bps
+               + calls * per_op_s (an elementwise op: its bytes at elementwise_Bps)
     attention: the same, with the bytes (the KV cache read) at the measured decode-attention rate
     transfer:  calls * (bytes / calls / link_bandwidth(bytes / calls) + latency)
     plus the fixed costs the op names (per layer, per step, thread hand-off), from ``profile.overheads``.
@@ -48,7 +49,11 @@ def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
     if op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
         # attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
         t_mem = op.bytes / unit.decode_attention_Bps.at(op.bytes / max(op.calls, 1))
-    return max(t_flop, t_mem) + op.calls * per_op_s
+    ew = unit.elementwise_Bps
+    if op.kind == "elementwise" and op.bytes and ew is not None:
+        t_mem = op.bytes / ew.median
+    t_act = op.act_bytes / ew.median if op.act_bytes and ew is not None else 0.0
+    return max(t_flop, t_mem) + t_act + op.calls * per_op_s
 
 
 def transfer_time_s(op: Op, profile: HardwareProfile) -> float:

@@ -31,8 +31,7 @@ def smallest_plan(ask, draft) -> Plan:
     w, kv = ask.weight_dtype, ask.kv_dtype
     g = 1 if d.kind != "none" else 0
     policy = Policy(prefill_batch=1, decode_batch=1, num_batches=1, draft_len=g, prefetch_depth=ask.prefetch_depth,
-                    acceptance=draft.acceptance if g else None,
-                    acceptance_curve=list(draft.curve) if g and draft.curve else None, weight_dtype=w, kv_dtype=kv,
+                    **draft.policy_curves(g), weight_dtype=w, kv_dtype=kv,
                     expert_fetch="routed", attention_on="device" if shared else "host",
                     experts_on="device" if shared or not spec.is_moe else "host")
     return Plan(created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

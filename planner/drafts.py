@@ -38,6 +38,16 @@ class DraftChoice:
     measured: bool
     #: the measured per-position acceptance [P(n >= 1) .. P(n >= G)] of the calibration record, when it has one
     curve: tuple[float, ...] | None = None
+    #: each calibration sequence's own curve (``AcceptanceRecord.sequence_curves``), when the record has them
+    sequence_curves: tuple[tuple[float, ...], ...] | None = None
+
+    def policy_curves(self, draft_len: int) -> dict:
+        """The ``Policy`` fields of this acceptance for a plan of ``draft_len``."""
+        spec = bool(draft_len)
+        return {"acceptance": self.acceptance if spec else None,
+                "acceptance_curve": list(self.curve) if spec and self.curve else None,
+                "acceptance_sequence_curves": ([list(c) for c in self.sequence_curves]
+                                               if spec and self.curve and self.sequence_curves else None)}
 
     @property
     def label(self) -> str:
@@ -128,7 +138,8 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
             return DraftChoice(draft, rec.per_token_acceptance_mle, f"calibration: {rec.source} (the measured "
                                f"per-position curve P(n >= i), i = 1..{len(rec.acceptance_curve)}; per-token "
                                f"maximum-likelihood estimate {rec.per_token_acceptance_mle:.3f}{frac})", True,
-                               tuple(rec.acceptance_curve))
+                               tuple(rec.acceptance_curve),
+                               tuple(map(tuple, rec.sequence_curves)) if rec.sequence_curves else None)
     base = f"substitute:int{draft.bits}" if draft.kind == "substitute" else label  # the priors ignore the grouping
     prior = PRIORS.get((base, target_name)) or PRIORS.get((base, None))
     if prior is None and draft.kind == "model":

@@ -86,23 +86,32 @@ def accepted_drafts_pmf(acceptance: float | None, draft_len: int, curve: Sequenc
 
 
 def expected_rounds(acceptance: float | None, draft_len: int, tokens: int, sequences: int,
-                    curve: Sequence[float] | None = None) -> float:
+                    curve: Sequence[float] | None = None,
+                    sequence_curves: Sequence[Sequence[float]] | None = None) -> float:
     """Expected rounds until every one of ``sequences`` sequences has committed ``tokens`` tokens: a batch keeps
     verifying until its slowest sequence is done, so this is E[max of the sequences' round counts], each round
-    committing j + 1 tokens with ``accepted_drafts_pmf``. Exactly ``tokens`` without speculation."""
+    committing j + 1 tokens with ``accepted_drafts_pmf``. Exactly ``tokens`` without speculation.
+
+    ``sequence_curves`` (a calibration's per-sequence curves): acceptance differs from prompt to prompt far more than
+    from round to round (one prompt's continuation the draft knows, another's it does not), and the slowest sequence
+    sets the batch's rounds. Each sequence of the batch is then a draw from those measured sequences: P(a sequence is
+    done after r rounds) is the mean over them, and the batch's rounds E[max] follow from it."""
     if tokens <= 0:
         return 0.0
     if draft_len <= 0:
         return float(tokens)
+    if sequence_curves and sequences > 0:
+        pmfs = tuple(tuple(round(x, 12) for x in accepted_drafts_pmf(None, draft_len, c)) for c in sequence_curves)
+        return _expected_max_rounds_mixture(pmfs, tokens, sequences)
     pmf = tuple(round(x, 12) for x in accepted_drafts_pmf(acceptance, draft_len, curve)) \
         if curve or acceptance is not None else None
     if pmf is None or pmf[-1] >= 1.0 or sequences <= 0:
         return math.ceil(tokens / expected_tokens_per_seq(acceptance, draft_len, curve))
-    return _expected_max_rounds(pmf, tokens, sequences)
+    return _expected_max_rounds_mixture((pmf,), tokens, sequences)
 
 
-@lru_cache(maxsize=4096)
-def _expected_max_rounds(pmf: tuple[float, ...], tokens: int, sequences: int) -> float:
+def _done_by_round(pmf: Sequence[float], tokens: int, rounds: int):
+    """P(a sequence whose rounds commit j + 1 tokens with ``pmf[j]`` has ``tokens`` after r rounds), r = 0..rounds."""
     import numpy as np
 
     step = np.zeros(len(pmf) + 1)
@@ -110,12 +119,16 @@ def _expected_max_rounds(pmf: tuple[float, ...], tokens: int, sequences: int) ->
     # dist[t] = P(t tokens committed so far), with everything at or past `tokens` lumped into dist[tokens]
     dist = np.zeros(tokens + 1)
     dist[0] = 1.0
-    total, r = 0.0, 0
-    while True:
-        done = dist[tokens]  # P(a sequence is finished after r rounds)
-        total += 1.0 - done**sequences  # E[max] = sum over r of P(max > r)
-        if 1.0 - done**sequences < 1e-12 or r > 4 * tokens:
-            return total
+    out = [dist[tokens]]
+    for _ in range(rounds):
         nxt = np.convolve(dist[:tokens], step)
         dist = np.concatenate([nxt[:tokens], [nxt[tokens:].sum() + dist[tokens]]])
-        r += 1
+        out.append(dist[tokens])
+    return np.array(out)
+
+
+@lru_cache(maxsize=4096)
+def _expected_max_rounds_mixture(pmfs: tuple[tuple[float, ...], ...], tokens: int, sequences: int) -> float:
+    """E[max over ``sequences`` draws of a sequence from ``pmfs`` (equally likely) of its round count]."""
+    done = sum(_done_by_round(p, tokens, 4 * tokens) for p in pmfs) / len(pmfs)
+    return float((1.0 - done**sequences).sum())

@@ -28,6 +28,9 @@ class Op:
     kind: OpKind
     flops: float = 0.0
     bytes: float = 0.0
+    #: activation bytes of its matmuls (``contracts.rows``): the elementwise work around them (norms, rope, the
+    #: activation function, gathers, residuals), priced at the unit's ``elementwise_Bps`` after the matmul
+    act_bytes: float = 0.0
     layer: int | None = None
     batch: int | None = None
     #: matmul shape (m rows, k, n) for the achieved-rate lookup; None for other kinds.

@@ -76,7 +76,8 @@ def breakdown(plan: Plan) -> Breakdown:
             prefill_s += e.round_s
             charge(e, 1)
         e = est("round", seqs)
-        rounds = expected_rounds(pol.acceptance, pol.draft_len, wl.gen_len - 1, seqs, pol.acceptance_curve)
+        rounds = expected_rounds(pol.acceptance, pol.draft_len, wl.gen_len - 1, seqs, pol.acceptance_curve,
+                                 pol.acceptance_sequence_curves)
         decode_s += rounds * e.round_s
         charge(e, rounds)
     total_s = prefill_s + decode_s

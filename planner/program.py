@@ -296,12 +296,14 @@ def is_serial(op: Op, prefetch_depth: int = 1) -> bool:
 
 
 def _cost_key(op: Op) -> tuple:
-    return (op.resource, op.kind, op.flops, op.bytes, op.shape, op.dtype, op.calls, op.overheads, op.prob)
+    return (op.resource, op.kind, op.flops, op.bytes, op.act_bytes, op.shape, op.dtype, op.calls, op.overheads,
+            op.prob)
 
 
-def op_times(ops, profile: HardwareProfile, expected: bool = True) -> list[float]:
+def op_times(ops, profile: HardwareProfile, expected: bool = True, streaming: bool = False) -> list[float]:
     """Seconds of each op: expected (``prob * op_time_s``), or when it happens (``expected=False``).
-    Identical records (the same op in every layer) are costed once."""
+    Identical records (the same op in every layer) are costed once. ``streaming``: ``ops`` are one pass (or round),
+    and its target compute is slowed by the disk stream it overlaps (``streaming_factor``)."""
     memo: dict[tuple, float] = {}
     out = []
     cost = expected_time_s if expected else op_time_s
@@ -311,7 +313,27 @@ def op_times(ops, profile: HardwareProfile, expected: bool = True) -> list[float
         if t is None:
             t = memo[key] = cost(op, profile)
         out.append(t)
+    if streaming:
+        f = streaming_factor(ops, out if expected else op_times(ops, profile), profile)
+        if f != 1.0:
+            out = [t * f if op.is_compute and op.phase != "draft" else t for op, t in zip(ops, out)]
     return out
+
+
+def streaming_factor(ops, expected_s: list[float], profile: HardwareProfile) -> float:
+    """How much longer a pass's target compute takes because the disk streams meanwhile: the profile's
+    ``compute_slowdown_while_streaming`` s over the part of the compute the stream overlaps. With C seconds of
+    compute (at the idle-disk rates) and D seconds of disk reads in the pass, the compute runs at 1/s speed while
+    the disk streams: it takes D + C - D/s when D < s C, else s C. Drafting is left at the idle rate (the disk only
+    prefetches a few layers while the draft runs)."""
+    s = profile.overheads.compute_slowdown_while_streaming
+    if s <= 1.0:
+        return 1.0
+    disk = sum(t for op, t in zip(ops, expected_s) if op.resource == "disk_read")
+    comp = sum(t for op, t in zip(ops, expected_s) if op.is_compute and op.phase != "draft")
+    if disk <= 0 or comp <= 0:
+        return 1.0
+    return min(s, 1.0 + disk / comp * (1.0 - 1.0 / s))
 
 
 def steady_state(program: Program, profile: HardwareProfile) -> Estimate:
@@ -323,7 +345,7 @@ def steady_state(program: Program, profile: HardwareProfile) -> Estimate:
     draft: dict[int, float] = {}
     pre: dict[tuple[int, str], float] = {}
     serial_io: dict[tuple[int, str], float] = {}
-    for op, t in zip(program.ops, op_times(program.ops, profile)):
+    for op, t in zip(program.ops, op_times(program.ops, profile, streaming=True)):
         r = physical_resource(op.resource, profile)
         busy[r] = busy.get(r, 0.0) + t
         b = op.batch or 0

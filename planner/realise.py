@@ -74,9 +74,7 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
     policy = Policy(prefill_batch=s.prefill_batch, decode_batch=s.decode_batch, num_batches=s.num_batches,
                     draft_len=s.draft_len, attention_on=k.attention_on, experts_on=k.experts_on,  # type: ignore[arg-type]
                     expert_fetch=k.expert_fetch, prefetch_depth=k.prefetch_depth,  # type: ignore[arg-type]
-                    acceptance=cand.draft.acceptance if s.draft_len else None,
-                    acceptance_curve=list(cand.draft.curve) if s.draft_len and cand.draft.curve else None,
-                    weight_dtype=w, kv_dtype=kv)
+                    **cand.draft.policy_curves(s.draft_len), weight_dtype=w, kv_dtype=kv)
     plan = Plan(created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), command=ask.command,
                 model=ModelRef(name=ask.model_name, path=ask.model_path, spec=ask.spec),
                 draft=cand.draft.spec if s.draft_len else DraftSpec(),
@@ -93,6 +91,11 @@ def make_plan(ask: Ask, cand: Candidate, k: Knobs, placement: Placement, search_
             notes.append(f"draft length {s.draft_len} is past the measured curve (i <= {len(curve)}): P(n >= i) for "
                          f"i > {len(curve)} extended by the geometric model fitted to its tail (ratio "
                          f"{tail_ratio(curve):.3f} per position)")
+        if cand.draft.sequence_curves:
+            notes.append(f"a batch runs until its slowest sequence is done: each of its sequences is drawn as one of "
+                         f"the {len(cand.draft.sequence_curves)} calibration sequences, with that sequence's own "
+                         f"curve (tokens per round {min(1 + sum(c) for c in cand.draft.sequence_curves):.2f}.."
+                         f"{max(1 + sum(c) for c in cand.draft.sequence_curves):.2f} at i <= {len(curve or ())})")
     notes.append(f"weights in {w}, KV cache in {kv}; decode round costed at a KV length of {pred.decode_context_len}")
     return plan.model_copy(update={"prediction": pred.model_copy(update={"assumptions": notes})})
 

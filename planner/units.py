@@ -18,6 +18,7 @@ from functools import cached_property
 from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.memory import causal_positions, kv_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
+from specplan.contracts.rows import attention_activation_bytes, ffn_activation_bytes, mean_bucket_rows
 from specplan.contracts.tensors import param_bytes, substitute_nbytes, unpacked_dtype
 from specplan.planner.expect import expert_touch_prob, rows_per_touched_expert
 from specplan.planner.kinds import DraftTier, UnitKind, UnitTier, draft_tiers
@@ -230,9 +231,10 @@ def _weight_dtype(c: Costing, p: Pass, tier: str) -> str:
 def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
     s, rows = c.spec, p.rows
     fetch = [] if p.substitute else fetch_ops(c, p, "attn", "attention", n * c.sizes["attention"], tier, calls=n)
-    act = rows * (2 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim) * c.act
+    act = attention_activation_bytes(rows, s.hidden_size, s.q_dim, s.kv_dim, c.act)
     compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
-                 bytes=n * (_weight_bytes(c, p, "attention", tier) + act), shape=(rows, s.hidden_size, s.q_dim),
+                 bytes=n * (_weight_bytes(c, p, "attention", tier) + act), act_bytes=n * act,
+                 shape=(rows, s.hidden_size, s.q_dim),
                  dtype=_weight_dtype(c, p, tier), calls=n * CALLS["attn_proj"], group="attention", phase=p.phase,
                  batch=p.batch,
                  overheads=(("per_layer_s", n),) + _handoff(fetch, n))
@@ -277,9 +279,9 @@ def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -
     width = s.intermediate_size if kind == "mlp" else s.shared_expert_intermediate_size
     group = "mlp" if kind == "mlp" else "shared_experts"
     fetch = [] if p.substitute else fetch_ops(c, p, kind, group, n * c.sizes[kind], tier, calls=n)
-    act = rows * (2 * s.hidden_size + 2 * width) * c.act
+    act = ffn_activation_bytes(rows, s.hidden_size, width, c.act)
     compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params[kind],
-                 bytes=n * (_weight_bytes(c, p, kind, tier) + act), shape=(rows, s.hidden_size, width),
+                 bytes=n * (_weight_bytes(c, p, kind, tier) + act), act_bytes=n * act, shape=(rows, s.hidden_size, width),
                  dtype=_weight_dtype(c, p, tier), calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
                  overheads=_handoff(fetch, n))
     return fetch + [compute]
@@ -289,7 +291,7 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
     """One routed expert: touched with probability ``1 - (1 - k/E)^N`` for the pass's N routed tokens."""
     s = c.spec
     prob = expert_touch_prob(s.num_experts, s.experts_per_token, p.rows)
-    m = rows_per_touched_expert(s.num_experts, s.experts_per_token, p.rows)
+    m = mean_bucket_rows(rows_per_touched_expert(s.num_experts, s.experts_per_token, p.rows))  # as the engine pads
     name = "E"
     common = dict(group="experts", phase=p.phase, batch=p.batch)
     on_host = tier != "device" and k.experts_on == "host" and not c.shared and not p.substitute
@@ -297,10 +299,11 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
     fetch = [] if p.substitute else fetch_ops(
         c, p, name, "experts", n * c.sizes["expert"], tier, to="host" if on_host else "device",
         prob=prob if routed else 1.0, on_demand=routed, calls=n)
-    act = m * (2 * s.hidden_size + 2 * s.moe_intermediate_size) * c.act
+    act = ffn_activation_bytes(m, s.hidden_size, s.moe_intermediate_size, c.act)
     compute = Op(name, "host_compute" if on_host else "device_compute", "matmul",
                  flops=n * 2 * m * c.matmul_params["expert"],
-                 bytes=n * (_weight_bytes(c, p, "expert", tier) + act), shape=(m, s.hidden_size, s.moe_intermediate_size),
+                 bytes=n * (_weight_bytes(c, p, "expert", tier) + act), act_bytes=n * act,
+                 shape=(m, s.hidden_size, s.moe_intermediate_size),
                  dtype=_weight_dtype(c, p, tier), calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
     if not on_host:
         return fetch + [compute]
@@ -357,8 +360,11 @@ def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = Non
     head = 2 * d.tensors.head.params
     flops = p.rows * (d.matmul_flops_per_token() - head) + p.logit_rows * head
     act = p.rows * (4 * d.hidden_size + 2 * max(d.intermediate_size, d.moe_intermediate_size)) * c.act
+    width = max(d.intermediate_size, d.moe_intermediate_size)
+    layer_act = (attention_activation_bytes(p.rows, d.hidden_size, d.q_dim, d.kv_dim, c.act)
+                 + ffn_activation_bytes(p.rows, d.hidden_size, width, c.act))
     ops = [Op(f"{tag}.matmuls", unit[w_tier], "matmul", flops=flops,
-              bytes=c.draft_bytes + act + p.logit_rows * d.vocab_size * 4,
+              bytes=c.draft_bytes + act + p.logit_rows * d.vocab_size * 4, act_bytes=d.num_layers * layer_act,
               shape=(p.rows, d.hidden_size, max(d.intermediate_size, d.moe_intermediate_size, 1)),
               dtype=c.weight_dtype, calls=7 * d.num_layers + 1,
               overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common)]

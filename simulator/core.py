@@ -66,7 +66,7 @@ def make_template(ops: Sequence[Op], profile: HardwareProfile) -> Template:
     ops = tuple(ops)
     n = len(ops)
     try:
-        happens_s = op_times(ops, profile, expected=False)
+        happens_s = op_times(ops, profile, expected=False, streaming=True)
     except (KeyError, ContractError) as e:  # a rate the profile lacks (e.g. disk reads on a profile without disk figures)
         raise SimulationError(f"cannot cost the plan's ops on profile '{profile.name}': {e.args[0]}") from None
     dependents: list[list[int]] = [[] for _ in range(n)]

@@ -92,10 +92,12 @@ class Script:
 class _Batch:
     """The sequences of one interleaved batch and the tokens each has committed."""
 
-    def __init__(self, index: int, seqs: int) -> None:
+    def __init__(self, index: int, seqs: int, kinds: np.ndarray | None = None) -> None:
         self.index = index
         self.committed = np.ones(seqs)  # prefill yields the first token
         self.last_stage: int | None = None
+        #: each sequence's acceptance: the index of the calibration sequence it is drawn as (None: all alike)
+        self.kinds = kinds
 
 
 def split_wave(seqs: int, num_batches: int) -> list[int]:
@@ -134,7 +136,9 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
                     pass_index=k, seqs=n, context_len=0, tokens=float(n))
             prefills.append(tail(i))
             after = ((i, stages[i].template.token),)  # the next pass follows the target's part of this one
-        batches = [_Batch(b, n) for b, n in enumerate(sizes)]
+        curves = pol.acceptance_sequence_curves
+        batches = [_Batch(b, n, rng.integers(len(curves), size=n) if curves and rng is not None else None)
+                   for b, n in enumerate(sizes)]
         rounds = 0
         while True:
             active_any = False
@@ -151,7 +155,8 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
                     prev = (tail(add(templates.draft(b.index, context, n), prev, kind="draft", wave=wave,
                                      batch=b.index, round=rounds, seqs=n, context_len=context, tokens=0.0)),)
                 new = _commit(b.committed, active, gen_len=wl.gen_len, acceptance=pol.acceptance,
-                              draft_len=pol.draft_len, rng=rng, curve=pol.acceptance_curve)
+                              draft_len=pol.draft_len, rng=rng, curve=pol.acceptance_curve,
+                              kinds=b.kinds, sequence_curves=curves)
                 b.last_stage = add(templates.target(b.index, context, n), prev,
                                    kind="verify" if pol.speculative else "decode", wave=wave, batch=b.index,
                                    round=rounds, seqs=n, context_len=context, tokens=new)
@@ -163,11 +168,16 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
 
 
 def _commit(committed: np.ndarray, active: np.ndarray, *, gen_len: int, acceptance: float | None, draft_len: int,
-            rng: np.random.Generator | None, curve: list[float] | None = None) -> float:
-    """Add one round's tokens to the active sequences (never past gen_len); return how many were added."""
+            rng: np.random.Generator | None, curve: list[float] | None = None, kinds: np.ndarray | None = None,
+            sequence_curves: list[list[float]] | None = None) -> float:
+    """Add one round's tokens to the active sequences (never past gen_len); return how many were added. With
+    ``kinds``, each sequence draws from its own calibration sequence's curve (``sequence_curves[kind]``)."""
     left = gen_len - committed[active]
     if rng is None:
         got = np.full(left.shape, expected_tokens_per_seq(acceptance, draft_len, curve))
+    elif draft_len and kinds is not None and sequence_curves:
+        pmfs = [accepted_drafts_pmf(None, draft_len, c) for c in sequence_curves]
+        got = np.array([rng.choice(draft_len + 1, p=pmfs[k]) for k in kinds[active]]) + 1.0
     elif draft_len:
         got = rng.choice(draft_len + 1, size=left.shape, p=accepted_drafts_pmf(acceptance, draft_len, curve)) + 1.0
     else:

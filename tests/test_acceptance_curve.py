@@ -156,3 +156,70 @@ def test_the_simulator_draws_from_the_curve():
     assert same.decode_tok_s == pytest.approx(simulate(plan, seed=4).summary.decode_tok_s, rel=1e-12)
     # a curve that accepts everything commits g + 1 tokens a round: fewer rounds, more throughput
     assert simulate(with_curve([1.0, 1.0, 1.0]), seed=4).summary.decode_tok_s > same.decode_tok_s
+
+
+# ---- acceptance per sequence: prompts differ more than rounds, and the slowest sequence sets a batch's rounds ----
+
+
+def test_each_sequence_gets_its_own_curve():
+    acc = Acceptance()
+    for seq, ns in {3: (2, 2, 2), 1: (0, 0, 1, 0)}.items():
+        for n in ns:
+            acc.add(n, 2, seq)
+    assert acc.sequence_survival == [pytest.approx([1 / 4, 0.0]), pytest.approx([1.0, 1.0])]  # by the run's index
+    assert acc.survival == pytest.approx([4 / 7, 3 / 7])  # the pooled curve is unchanged
+
+
+def test_expected_rounds_of_a_mixture_of_sequences_match_a_monte_carlo_batch():
+    import numpy as np
+
+    g, tokens, batch = 4, 24, 8
+    curves = [[0.95**i for i in range(1, g + 1)], [0.3**i for i in range(1, g + 1)]]
+    # alike sequences: the mixture of one curve is the i.i.d. model
+    assert expected_rounds(None, g, tokens, batch, curves[0], [curves[0]] * 3) == pytest.approx(
+        expected_rounds(None, g, tokens, batch, curves[0]), rel=1e-9)
+    rng = np.random.default_rng(0)
+    pmfs = [accepted_drafts_pmf(None, g, c) for c in curves]
+    trials = []
+    for _ in range(4000):
+        kinds = rng.integers(2, size=batch)
+        rounds = []
+        for k in kinds:
+            done, r = 0, 0
+            while done < tokens:
+                done += rng.choice(g + 1, p=pmfs[k]) + 1
+                r += 1
+            rounds.append(r)
+        trials.append(max(rounds))
+    mixed = expected_rounds(None, g, tokens, batch, curves[0], curves)
+    assert mixed == pytest.approx(np.mean(trials), rel=0.02)
+    # the pooled curve of the same sequences under-counts the batch's rounds: its slowest sequence is slower
+    pooled = [(a + b) / 2 for a, b in zip(*curves)]
+    assert mixed > 1.2 * expected_rounds(None, g, tokens, batch, pooled)
+
+
+def test_per_sequence_curves_go_from_a_run_to_the_plan(tmp_path):
+    spec = tiny_moe()
+    plan = hand_plan(spec, cpu_profile(), draft=DraftSpec(kind="substitute", bits=4), draft_len=3, acceptance=0.6)
+    acc = {"measured": 0.7, "measured_curve": [0.8, 0.6, 0.5], "measured_sequence_curves": [[1.0, 0.9, 0.9],
+                                                                                             [0.6, 0.3, 0.1]],
+           "proposed_tokens": 300, "accepted_tokens": 190, "sequence_rounds": 100, "draft_len": 3}
+    calib = calibration_of(plan, acc, tmp_path)
+    assert calib.acceptance[0].sequence_curves == [[1.0, 0.9, 0.9], [0.6, 0.3, 0.1]]
+    choice = acceptance_for(plan.draft, plan.model.name, None, calib)
+    fields = choice.policy_curves(3)
+    assert fields["acceptance_sequence_curves"] == [[1.0, 0.9, 0.9], [0.6, 0.3, 0.1]]
+    assert choice.policy_curves(0) == {"acceptance": None, "acceptance_curve": None,
+                                       "acceptance_sequence_curves": None}
+    spread = plan.model_copy(update={"policy": plan.policy.model_copy(update=fields), "prediction": None})
+    alike = plan.model_copy(update={"policy": plan.policy.model_copy(update={
+        **fields, "acceptance_sequence_curves": None}), "prediction": None})
+    assert predict(spread).decode_s > predict(alike).decode_s  # the slow sequence holds its batch
+
+
+def test_per_sequence_curves_of_another_length_or_without_a_pooled_curve_are_refused():
+    with pytest.raises(ValueError, match="positions"):
+        Policy(prefill_batch=1, decode_batch=1, draft_len=2, acceptance=0.5, acceptance_curve=[0.5, 0.2],
+               acceptance_sequence_curves=[[0.5]])
+    with pytest.raises(ValueError, match="pooled"):
+        AcceptanceRecord(draft="d", per_token_acceptance_mle=0.5, source="x", sequence_curves=[[0.5]])

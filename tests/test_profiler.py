@@ -365,3 +365,17 @@ def test_working_set_exceeds_the_cache_but_not_the_memory():
     # a VM that reports its host's whole L3 (480 MiB): bounded by the host's memory, not 1.9 GiB per curve
     assert default_working_set(480 * MiB, 24 * GiB) == 384 * MiB
     assert default_working_set(None, 4 * GiB) == 128 * MiB
+
+
+def test_the_streaming_slowdown_is_a_paired_ratio_of_at_least_one(tmp_path):
+    from specplan.engine.io import directio
+    from specplan.engine.measure.interference import streaming_slowdown
+
+    path = tmp_path / "stream.bin"
+    pl.write_random_file(path, 64 << 20)
+    with directio.open_direct(path) as f:
+        if not f.direct:
+            pytest.skip("O_DIRECT does not work in the test's folder")
+    calls = []
+    s = streaming_slowdown(path, lambda: calls.append(sum(range(2000))), reps=3, min_sample_s=0.01)
+    assert 1.0 <= s.min <= s.median <= s.max < 20 and len(calls) > 10

@@ -62,8 +62,8 @@ def test_the_plans_own_prediction_only_for_the_workload_it_was_made_for(speculat
 
 def test_a_higher_measured_acceptance_predicts_more_throughput(speculative_plan):
     plan = speculative_plan
-    low, _ = prediction_for(plan, ran(plan.workload), 0.3)
-    high, source = prediction_for(plan, ran(plan.workload), 0.9)
+    low, _ = prediction_for(plan, ran(plan.workload), {"measured": 0.3, "measured_curve": None})
+    high, source = prediction_for(plan, ran(plan.workload), {"measured": 0.9, "measured_curve": None})
     assert source.startswith("planner") and high.decode_tok_s > plan.prediction.decode_tok_s > low.decode_tok_s
 
 

@@ -22,17 +22,18 @@ SYNTHETIC_NOTE = ("benchmark mode, NOT lossless: each proposal accepted with pro
                   "(--synthetic-acceptance), not by the target; the output is not the target's")
 
 
-def prediction_for(plan: Plan, out, acceptance: float | None = None,
-                   curve: list[float] | None = None) -> tuple[Prediction, str]:
+def prediction_for(plan: Plan, out, measured: dict[str, Any] | None = None) -> tuple[Prediction, str]:
     """The planner's numbers for the workload that ran: the plan's own when it matches, else recomputed;
-    with ``acceptance`` (and ``curve``, a per-position ``P(n >= i)``), recomputed at that draft acceptance (e.g. the
-    measured one) instead of the plan's."""
+    with ``measured`` (an ``acceptance_report``), recomputed at the acceptance the run measured (its per-token
+    ``a``, its curve ``P(n >= i)`` and each sequence's own curve) instead of the plan's."""
     wl = measured_workload(out)
-    if plan.prediction is not None and wl == plan.workload and acceptance is None:
+    if plan.prediction is not None and wl == plan.workload and measured is None:
         return plan.prediction, "plan"
     update: dict[str, Any] = {"workload": wl, "prediction": None}
-    if acceptance is not None:
-        update["policy"] = plan.policy.model_copy(update={"acceptance": acceptance, "acceptance_curve": curve})
+    if measured is not None:
+        update["policy"] = plan.policy.model_copy(update={
+            "acceptance": measured["measured"], "acceptance_curve": measured["measured_curve"],
+            "acceptance_sequence_curves": measured.get("measured_sequence_curves")})
     return predict(plan.model_copy(update=update)), "planner (for the measured workload)"
 
 
@@ -56,8 +57,11 @@ def acceptance_report(plan: Plan, out) -> dict[str, Any] | None:
     acc, pol = out.stats.acceptance, plan.policy
     g = pol.draft_len
     report = {"assumed": pol.acceptance, "measured": acc.per_token, "draft_len": g,
-              "assumed_model": "measured curve" if pol.acceptance_curve else "one-parameter a^i",
+              "assumed_model": ("measured curves per sequence" if pol.acceptance_sequence_curves else
+                                "measured curve" if pol.acceptance_curve else "one-parameter a^i"),
               "assumed_curve": survival(pol.acceptance, g, pol.acceptance_curve), "measured_curve": acc.survival,
+              "assumed_sequence_curves": pol.acceptance_sequence_curves,
+              "measured_sequence_curves": acc.sequence_survival or None,
               "proposed_tokens": acc.proposed, "accepted_tokens": acc.accepted, "sequence_rounds": acc.rounds,
               "tokens_per_seq_round_measured": acc.tokens_per_round,
               "tokens_per_seq_round_expected": expected_tokens_per_seq(pol.acceptance, g, pol.acceptance_curve),
@@ -97,8 +101,8 @@ def errors(plan: Plan, out, pred: Prediction, meas: dict[str, Any], acc: dict[st
     elif acc["measured"] is None:
         return {"cost_model": None, "acceptance_model": None, "routing": routing}
     else:
-        pred, _ = prediction_for(plan, out, acc["measured"], acc["measured_curve"])
-        at_note = (f"the measured acceptance curve P(n >= i), i = 1..{acc['draft_len']} "
+        pred, _ = prediction_for(plan, out, acc)
+        at_note = (f"the measured acceptance curves P(n >= i), i = 1..{acc['draft_len']}, of each sequence "
                    f"({acc['tokens_per_seq_round_measured']:.3f} tokens per sequence and round)")
         acceptance = {"model": acc["assumed_model"],
                       "tokens_per_seq_round_expected": acc["tokens_per_seq_round_expected"],

@@ -32,7 +32,7 @@ from specplan.validation.show import show_run, show_written
 from specplan.validation.trials import Contender, median_trial, ratio, run_trials, summarise
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
-CALIBRATION_PROMPTS = 4
+CALIBRATION_PROMPTS = 12
 
 
 def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str | Path,

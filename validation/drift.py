@@ -277,7 +277,7 @@ def drift_report(plan: Plan, out, report: dict[str, Any]) -> dict[str, Any]:
     }
     acc = report.get("acceptance")
     if acc is not None and acc["measured"] is not None:
-        both, _ = prediction_for(observed_plan, out, acc["measured"])
+        both, _ = prediction_for(observed_plan, out, acc)
         result["predicted_at_observed_rates_and_measured_acceptance"] = {k: getattr(both, k) for k in AT_ACCEPTANCE}
         result["signed_error_at_observed_rates_and_measured_acceptance"] = {
             k: signed_error(getattr(both, k), meas[k]) for k in AT_ACCEPTANCE}

@@ -337,6 +337,7 @@ def calibration_of(plan: Plan, acc: dict, out: Path) -> Calibration:
                            accepted_fraction=accepted / proposed if proposed else None,
                            proposed_tokens=proposed or None, accepted_tokens=accepted if proposed else None,
                            acceptance_curve=acc.get("measured_curve"),
+                           sequence_curves=acc.get("measured_sequence_curves"),
                            curve_sequence_rounds=acc["sequence_rounds"] if acc.get("measured_curve") else None,
                            source=f"specplan run {out}: {acc['sequence_rounds']} sequence-rounds of "
                                   f"{acc['draft_len']} proposals, "

@@ -81,14 +81,19 @@ class Acceptance:
     committed: int = 0  # tokens committed by verification passes (accepted + corrections/bonus, within limits)
     histogram: dict[int, int] = field(default_factory=dict)  # n -> sequence-rounds
     draft_len: int = 0  # proposals per sequence-round (the largest seen)
+    #: the same histogram per sequence (the run's index of the sequence -> n -> rounds)
+    by_sequence: dict[int, dict[int, int]] = field(default_factory=dict)
 
-    def add(self, n: int, g: int) -> None:
+    def add(self, n: int, g: int, seq: int | None = None) -> None:
         self.draft_len = max(self.draft_len, g)
         self.rounds += 1
         self.proposed += g
         self.accepted += n
         self.rejections += n < g
         self.histogram[n] = self.histogram.get(n, 0) + 1
+        if seq is not None:
+            own = self.by_sequence.setdefault(seq, {})
+            own[n] = own.get(n, 0) + 1
 
     @property
     def per_token(self) -> float | None:
@@ -103,12 +108,22 @@ class Acceptance:
         accepted at least i proposals, from the accepted-length histogram; None before any round."""
         if not self.rounds:
             return None
-        return [sum(c for n, c in self.histogram.items() if n >= i) / self.rounds for i in range(1, self.draft_len + 1)]
+        return _survival(self.histogram, self.draft_len)
+
+    @property
+    def sequence_survival(self) -> list[list[float]]:
+        """``survival`` of each sequence on its own rounds, in the order of the run's prompts."""
+        return [_survival(self.by_sequence[s], self.draft_len) for s in sorted(self.by_sequence)]
 
     @property
     def tokens_per_round(self) -> float | None:
         """Mean tokens a sequence commits per verification, before limits (``n + 1``)."""
         return (self.accepted + self.rounds) / self.rounds if self.rounds else None
+
+
+def _survival(histogram: dict[int, int], draft_len: int) -> list[float]:
+    rounds = sum(histogram.values())
+    return [sum(c for n, c in histogram.items() if n >= i) / rounds for i in range(1, draft_len + 1)]
 
 
 class _Prefixed:
@@ -198,7 +213,7 @@ def speculative_step(state: DraftState, target_kv: KVCache, last: Sequence[int],
         results = [sampler.accept(d, state.q[row], p[row], seq)
                    for row, (d, seq) in enumerate(zip(proposals, state.seqs))]
     for row, (n, commit_tokens) in enumerate(results):
-        stats.add(n, g)
+        stats.add(n, g, state.seqs[row] if row < len(state.seqs) else None)
         commit(row, commit_tokens)
     rollback(target_kv, state, before, [n for n, _ in results], proposals, [c[-1] for _, c in results])
 

@@ -196,3 +196,58 @@ def memory_bandwidth(device: str, nbytes: int, reps: int, min_sample_s: float) -
     note = (f"memory_bandwidth_Bps = read rate of torch.sum over {nbytes >> 20} MiB "
             f"(copy_ moves {copy.median / 1e9:.1f} GB/s counting read + write)")
     return read, note
+
+
+#: the elementwise probe's layer geometry (the demo target: hidden, q, kv, heads, kv heads, FFN width, experts, top-k)
+EW_GEOMETRY = dict(hidden=576, q_dim=576, kv_dim=192, heads=9, kv_heads=3, intermediate=1536, experts=8, top_k=2)
+#: rows of the probe's passes: a verification pass and a prefill chunk
+EW_ROWS = (128, 512)
+
+
+def elementwise_rate(dtype: str, device: str, reps: int, min_sample_s: float) -> Stat:
+    """The engine's elementwise work of one MoE layer (``forward``'s rms_norm and rope, the residuals, and per routed
+    expert the row gather, the bucket padding, silu * up, the routing weight and the scatter-add), as the layer's
+    matmul activation bytes (``contracts.rows``) per second: min / median / max over ``EW_ROWS``."""
+    import torch
+    import torch.nn.functional as F
+
+    from specplan.contracts.rows import attention_activation_bytes, bucket_rows, ffn_activation_bytes
+    from specplan.engine.model.forward import apply_rope, rms_norm
+
+    g = EW_GEOMETRY
+    dt = _torch_dtype(dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+
+    rates = []
+    for m in EW_ROWS:
+        x, o, wn = rand(m, g["hidden"]), rand(m, g["hidden"]), torch.ones(g["hidden"], device=device, dtype=dt)
+        hd = g["q_dim"] // g["heads"]
+        q, k = rand(1, g["heads"], m, hd), rand(1, g["kv_heads"], m, hd)
+        cos, sin = rand(1, 1, m, hd), rand(1, 1, m, hd)
+        chosen = torch.stack([torch.randperm(g["experts"], generator=gen)[: g["top_k"]] for _ in range(m)]).to(device)
+        weights = rand(m, g["top_k"])
+        routed = [torch.where(chosen == e) for e in range(g["experts"])]
+        ffn = [(rand(bucket_rows(len(t)), g["intermediate"]), rand(bucket_rows(len(t)), g["intermediate"]),
+                rand(bucket_rows(len(t)), g["hidden"])) for t, _ in routed]
+
+        def layer():
+            rms_norm(x, wn, 1e-5)
+            apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = x + o
+            h = rms_norm(y, wn, 1e-5)
+            out = torch.zeros_like(h)
+            for (tok, slot), (gate, up, down) in zip(routed, ffn):
+                n = len(tok)
+                F.pad(h[tok], (0, 0, 0, bucket_rows(n) - n))
+                F.silu(gate) * up
+                out.index_add_(0, tok, down[:n] * weights[tok, slot, None])
+            return y + out
+
+        seconds = sample_seconds(layer, reps, min_sample_s, cuda=device == "cuda")
+        act = (attention_activation_bytes(m, g["hidden"], g["q_dim"], g["kv_dim"], dtype_bytes(dtype))
+               + ffn_activation_bytes(g["top_k"] * m, g["hidden"], g["intermediate"], dtype_bytes(dtype)))
+        rates.append(act / seconds.median)
+    return Stat.from_samples(rates)

@@ -246,10 +246,12 @@ def sustained_read(f: directio.DirectFile, buf, cursor: _Cursor, size: int, seco
 
 
 def measure_disk(
-    folder: Path, sizes: tuple[int, ...], reps: int, file_bytes: int, ticker: Ticker, stream_s: float = 0.0
+    folder: Path, sizes: tuple[int, ...], reps: int, file_bytes: int, ticker: Ticker, stream_s: float = 0.0,
+    while_streamable: Callable[[Path], None] | None = None,
 ) -> tuple[dict[str, Link], DiskInfo]:
     """Links ``disk_read_direct`` (when O_DIRECT works there; with ``stream_s``, its sustained bandwidth: a stream
-    of the largest transfers for that long), ``disk_read_buffered`` and ``disk_write``."""
+    of the largest transfers for that long), ``disk_read_buffered`` and ``disk_write``. ``while_streamable(path)``
+    is called while the test file exists, when O_DIRECT works (``interference`` streams it)."""
     read_path, write_path = folder / TEST_FILE, folder / WRITE_FILE
     file_bytes = max(file_bytes, directio.align_up(max(sizes)))
     buf = directio.aligned_buffer(max(sizes))
@@ -274,6 +276,8 @@ def measure_disk(
                 ticker.tick("disk: O_DIRECT not supported here")
         with directio.open_buffered(read_path) as f:
             links["disk_read_buffered"] = _read_link(f, buf, cursor, order, str(read_path), ticker, "buffered read")
+        if o_direct and while_streamable is not None:
+            while_streamable(read_path)
         # the buffer now holds random file data: the source of the writes
         links["disk_write"] = _write_link(write_path, buf, order, ticker)
     finally:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from specplan.contracts.hardware import ComputeUnit, HardwareProfile, Provenance
+from specplan.contracts.hardware import ComputeUnit, HardwareProfile, Provenance, Stat
 from specplan.engine.measure import compute as pc
 from specplan.engine.measure import links as pl
+from specplan.engine.measure.interference import ROWS, expert_probe, streaming_slowdown
 from specplan.engine.measure.overheads import measure_overheads
 from specplan.engine.measure.resident import measure_process_resident
 from specplan.engine.measure.timing import CpuUsage, Ticker
@@ -180,14 +181,18 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
     attention = pc.attention_curve(spec, c.attention_kv_bytes, device, c.reps, c.min_sample_s, c.working_set_bytes,
                                    ticker)
     membw, note = pc.memory_bandwidth(device, c.membw_bytes, c.reps, c.min_sample_s)
+    ew_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
+    elementwise = pc.elementwise_rate(ew_dtype, device, c.reps, c.min_sample_s)
     ticker.tick(f"memory bandwidth ({device})")
     unit = ComputeUnit(
         kind="cuda" if device == "cuda" else "cpu", name=name, memory_bytes=memory_bytes, memory_bandwidth_Bps=membw,
-        matmul=matmul, decode_attention_Bps=attention, threads=None if device == "cuda" else torch.get_num_threads(),
+        matmul=matmul, decode_attention_Bps=attention, elementwise_Bps=elementwise, threads=None if device == "cuda" else torch.get_num_threads(),
     )
     notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
                    f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), float32, one sequence "
-                   f"per call"]
+                   f"per call",
+             f"elementwise_Bps: the engine's elementwise code of one MoE layer ({ew_dtype}, "
+             f"{' and '.join(map(str, pc.EW_ROWS))} rows) as its matmuls' activation bytes per second"]
     return unit, notes
 
 
@@ -265,8 +270,21 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
     except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
         notes.append(f"process_resident_bytes not measured ({e}): plans use the default for the device kind")
     ticker.tick("overheads")
+    slowdown: list[Stat] = []
+    probe_dtype = "bfloat16" if "bfloat16" in dtypes["device"][0] else "float32"
+
+    def interference(path: Path) -> None:
+        if not cuda:  # a GPU computes apart from the host's disk
+            slowdown.append(streaming_slowdown(path, expert_probe(probe_dtype), c.reps, c.min_sample_s))
+
     disk_links, disk = pl.measure_disk(c.offload_dir, c.link_sizes, c.reps, c.disk_file_bytes, ticker,
-                                       c.disk_stream_s)
+                                       c.disk_stream_s, interference)
+    if slowdown:
+        s = slowdown[0]
+        overheads = overheads.model_copy(update={"compute_slowdown_while_streaming": s.median})
+        notes.append(f"compute_slowdown_while_streaming = {s.median:.2f} (paired ratios {s.min:.2f}..{s.max:.2f}): "
+                     f"a {probe_dtype} expert FFN ({ROWS} rows) while a thread streams the disk test file with "
+                     f"O_DIRECT over the same with the disk idle")
     links.update(disk_links)
     if not disk.o_direct:
         notes.append(f"O_DIRECT does not work in {disk.path} ({disk.filesystem}): offloaded weights are read buffered")

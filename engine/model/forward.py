@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
+from specplan.contracts.rows import bucket_rows
 from specplan.engine.model.checkpoint import convert_scratch
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -350,11 +351,14 @@ def moe_ffn(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torch.Tensor
     experts = src.experts(i, ids)
     for e in ids:
         tok, slot = torch.where(chosen == e)
+        m = len(tok)
+        padded = bucket_rows(m)  # a row count oneDNN has built a kernel for (see specplan.contracts.rows)
         ew = experts[e]  # a lazy source may block here until this expert's bytes have arrived
-        with _span(tracer, f"L{i}.E{e}", expert_resource(e), i, 2 * len(tok) * spec.tensors.matmul_params("experts", i, e),
+        with _span(tracer, f"L{i}.E{e}", expert_resource(e), i, 2 * padded * spec.tensors.matmul_params("experts", i, e),
                    _nbytes(ew["gate"], ew["up"], ew["down"])):
             dev = ew["gate"].device
-            y = gated_ffn(h[tok].to(dev), ew, act).to(h.device)
+            rows = F.pad(h[tok], (0, 0, 0, padded - m)) if padded > m else h[tok]
+            y = gated_ffn(rows.to(dev), ew, act)[:m].to(h.device)
             out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from specplan.contracts.plan import Sampling, check_acceptance_curve
+from specplan.contracts.plan import Sampling, check_acceptance_curve, check_sequence_curves
 from specplan.contracts.strict import Strict
 
 SCHEMA_VERSION = 1
@@ -44,6 +44,8 @@ class AcceptanceRecord(Strict):
     #: measured [P(n >= 1) .. P(n >= G)] at draft length G (see above); None: only the one-parameter model
     acceptance_curve: list[float] | None = None
     curve_sequence_rounds: int | None = Field(None, ge=1)  # sequence-rounds the curve was measured over
+    #: each measured sequence's own curve (same positions): acceptance varies more between prompts than rounds
+    sequence_curves: list[list[float]] | None = None
     source: str = Field(min_length=1)  # how it was measured
     #: the decoding it was measured with (acceptance depends on it); files written before sampling existed: greedy
     sampling: Sampling = Sampling()
@@ -64,6 +66,8 @@ class AcceptanceRecord(Strict):
             raise ValueError("accepted_tokens cannot exceed proposed_tokens")
         if self.acceptance_curve is not None:
             check_acceptance_curve(self.acceptance_curve)
+        if self.sequence_curves is not None:
+            check_sequence_curves(self.sequence_curves, self.acceptance_curve)
         return self
 
 

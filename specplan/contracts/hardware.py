@@ -181,6 +181,9 @@ class ComputeUnit(Strict):
     #: decode attention (one query token per sequence over its KV cache): bytes of KV read per second,
     #: over the KV bytes read by one call.
     decode_attention_Bps: Curve | None = None
+    #: the engine's elementwise work around a layer's matmuls (norms, rope, activation, gathers, residuals), as the
+    #: matmuls' activation bytes (``contracts.rows``) per second; None: not measured (charged nothing)
+    elementwise_Bps: Stat | None = None
     threads: int | None = None
 
     @property
@@ -219,6 +222,9 @@ class Overheads(Strict):
     #: context's host side, allocator arenas, thread stacks), measured by ``specplan profile``
     #: (``engine.measure.resident``); None: ``DEFAULT_PROCESS_RESIDENT_BYTES`` of the device kind.
     process_resident_bytes: int | None = Field(None, gt=0)
+    #: compute time while the disk streams (O_DIRECT) over compute time with the disk idle, measured by
+    #: ``specplan profile`` on a CPU device (``engine.measure.interference``); 1: no slowdown (GPUs, bundled profiles)
+    compute_slowdown_while_streaming: float = Field(1.0, ge=1.0)
     #: measured profiles: the samples behind each figure above, by field name (min / median / max).
     samples_s: dict[str, Stat] | None = None
 

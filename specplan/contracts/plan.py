@@ -142,6 +142,18 @@ def check_acceptance_curve(curve: list[float]) -> None:
         raise ValueError("an acceptance curve P(n >= i) never rises with i")
 
 
+def check_sequence_curves(curves: list[list[float]], pooled: list[float] | None) -> None:
+    """Per-sequence curves: at least one, each a valid curve of the pooled curve's length."""
+    if pooled is None:
+        raise ValueError("per-sequence acceptance curves come with the pooled acceptance_curve")
+    if not curves:
+        raise ValueError("per-sequence acceptance curves: give at least one, or none (null)")
+    for c in curves:
+        check_acceptance_curve(c)
+        if len(c) != len(pooled):
+            raise ValueError(f"a per-sequence acceptance curve has {len(c)} positions, the pooled curve {len(pooled)}")
+
+
 class Policy(_Strict):
     prefill_batch: int = Field(gt=0)
     decode_batch: int = Field(gt=0)  # sequences per batch
@@ -155,6 +167,9 @@ class Policy(_Strict):
     #: measured P(n >= i) for i = 1..len (a calibration's curve): the prediction uses it instead of ``acceptance``
     #: (past its length, extended at its tail's geometric ratio: ``planner.expect.survival``); None: ``a^i``
     acceptance_curve: list[float] | None = None
+    #: each calibration sequence's own P(n >= i) (``AcceptanceRecord.sequence_curves``): the expected rounds of a
+    #: batch, which its slowest sequence sets, treat each sequence as a draw from these (``expect.expected_rounds``)
+    acceptance_sequence_curves: list[list[float]] | None = None
     weight_dtype: str = "bfloat16"
     kv_dtype: str = "bfloat16"
 
@@ -169,6 +184,8 @@ class Policy(_Strict):
             if self.draft_len == 0:
                 raise ValueError("acceptance_curve is for speculative plans (draft_len > 0)")
             check_acceptance_curve(self.acceptance_curve)
+        if self.acceptance_sequence_curves is not None:
+            check_sequence_curves(self.acceptance_sequence_curves, self.acceptance_curve)
         return self
 
     @property
