@@ -16,7 +16,8 @@ from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.plan import Plan
 from specplan.engine.build.models import upcycle_to_mixtral
 from specplan.jsonio import load, write_json
-from specplan.validation.calibrate import fitted_profile, pooled, predicted, split
+from specplan.validation.calibrate import fitted_profile, pooled, predicted, run_figures, split
+from specplan.validation.drift import Figure
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_a_fit_on_one_run_predicts_that_run_as_its_drift_report_does(grid):
     folder = Path(pd.read_csv(out / "trials.csv").folder[1])
     report = json.loads((folder / "result.json").read_text())
     plan = load(Plan, out / "plan1.json")
-    prof = fitted_profile(plan.profile, [report], [str(folder)])
+    prof = fitted_profile(plan.profile, [run_figures(plan, folder, report)], [str(folder)])
     got = predicted(plan, prof, report)
     want = report["drift"]["predicted_at_observed_rates"]
     assert got["e2e_tok_s"] == pytest.approx(want["e2e_tok_s"], rel=1e-9)
@@ -77,7 +78,8 @@ def test_a_fit_on_one_run_predicts_that_run_as_its_drift_report_does(grid):
 def test_pooling_sums_each_figure_over_the_runs(grid):
     out, _ = grid
     reports = [json.loads((Path(f) / "result.json").read_text()) for f in pd.read_csv(out / "trials.csv").folder]
-    both = {(f.resource, f.figure): f for f in pooled(reports[:2])}
+    both = {(f.resource, f.figure): f for f in pooled([[Figure.from_row(row) for row in r["drift"]["figures"]]
+                                                       for r in reports[:2]])}
     for r in reports[:2]:
         for row in r["drift"]["figures"]:
             assert (row["resource"], row["figure"]) in both

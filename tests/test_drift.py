@@ -23,7 +23,7 @@ from specplan.contracts.timeline import Event, Timeline
 from specplan.planner.cost import compute_dtype
 from specplan.planner.predict import predict
 from specplan.validation.compare import AT_ACCEPTANCE, signed_error
-from specplan.validation.drift import DRIFT_THRESHOLD, drift_report, drifted, observed_figures
+from specplan.validation.drift import DRIFT_THRESHOLD, drift_report, drifted, matmul_shapes, observed_figures
 from specplan.validation.show import drift_lines
 from specplan.jsonio import write_json
 
@@ -62,10 +62,13 @@ def timeline(plan: Plan, disk: float = 1.0, compute: float = 1.0, layer_gap_s: f
                             bytes=nbytes, flops=flops))
         t += seconds
 
+    ops = matmul_shapes(plan).ops
+
     def matmul(name: str, layer, params: int) -> None:
         flops = 2 * rows * params
         rate = prof.device.matmul_flops(dtype, rows, params, 1)
-        span(name, "device_compute", compute * flops / rate, layer, params * F32, flops)
+        rest = ops[name].rest_s_per_flop(prof.device, prof.overheads.per_op_s) * flops  # dispatch, elementwise
+        span(name, "device_compute", compute * flops / rate + rest, layer, params * F32, flops)
 
     for _ in range(passes):
         span("embed", "device_compute", 2e-5, nbytes=rows * spec.hidden_size * F32)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from specplan.contracts.hardware import CalibrationFit, HardwareProfile
 from specplan.contracts.plan import Plan, Workload
+from specplan.contracts.timeline import Timeline
 from specplan.engine.execute.results import workload_of
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_atomic, write_json
 from specplan.planner.predict import predict
-from specplan.validation.drift import Figure, at_observed
+from specplan.validation.drift import Figure, at_observed, observed_figures
 from specplan.validation.trials import FIGURES
 
 
@@ -41,23 +42,32 @@ class FitReport:
     written: list[Path]
 
 
-def pooled(reports: list[dict]) -> list[Figure]:
-    """The figures of every report's drift section, summed per (resource, figure) over the reports."""
+def run_figures(plan: Plan, folder: str | Path, report: dict) -> list[Figure]:
+    """A run's drift figures, recomputed from its timeline by this version's cost model (a run written by another
+    version fits the same); from its result.json's drift section where the timeline is missing."""
+    path = Path(folder) / "timeline.json"
+    if path.is_file():
+        return observed_figures(plan, load(Timeline, path), report["compute_dtype"])
+    return [Figure.from_row(row) for row in (report.get("drift") or {}).get("figures", [])]
+
+
+def pooled(runs: list[list[Figure]]) -> list[Figure]:
+    """The figures of every run, summed per (resource, figure) over the runs."""
     out: dict[tuple[str, str], Figure] = {}
-    for r in reports:
-        for row in (r.get("drift") or {}).get("figures", []):
-            f = Figure.from_row(row)
+    for figures in runs:
+        for f in figures:
             have = out.setdefault((f.resource, f.figure), Figure(f.resource, f.figure, f.unit))
             have.work += f.work
             have.observed_s += f.observed_s
             have.profile_s += f.profile_s
+            have.fixed_s += f.fixed_s
             have.events += f.events
     return list(out.values())
 
 
-def fitted_profile(profile: HardwareProfile, reports: list[dict], folders: list[str]) -> HardwareProfile:
-    """``profile`` with its figures refitted on the runs ``reports`` (their result.json bodies, from ``folders``)."""
-    figures = pooled(reports)
+def fitted_profile(profile: HardwareProfile, runs: list[list[Figure]], folders: list[str]) -> HardwareProfile:
+    """``profile`` with its figures refitted on the runs' figures (``run_figures`` of the runs in ``folders``)."""
+    figures = pooled(runs)
     if not figures:
         raise SpecplanError("the training runs measured no figure (no decode phase with timed work): run longer "
                             "plans, or more of them")
@@ -120,7 +130,8 @@ def fit_grid(folder: str | Path, output: str | Path | None = None) -> FitReport:
     plans = {i: load(Plan, folder / f"plan{i}.json") for i in trials}
     base = plans[train[0]].profile
     training = [(f, r) for i in train for f, r in trials[i]]
-    profile = fitted_profile(base, [r for _, r in training], [f for f, _ in training])
+    figures = [run_figures(plans[i], f, r) for i in train for f, r in trials[i]]
+    profile = fitted_profile(base, figures, [f for f, _ in training])
     rows = []
     for i in sorted(trials):
         plan, reports = plans[i], [r for _, r in trials[i]]

@@ -36,7 +36,7 @@ from specplan.contracts.timeline import Event, Timeline, merged_busy_s
 from specplan.engine.execute.results import decode_windows
 from specplan.planner.cost import compute_dtype, compute_unit, physical_resource
 from specplan.planner.predict import mean_decode_context
-from specplan.planner.program import decode_round
+from specplan.planner.program import decode_round, op_times, streaming_factor
 from specplan.validation.compare import AT_ACCEPTANCE, prediction_for, signed_error
 
 #: a figure drifted when the run's differs from the profile's by more than this fraction, either way
@@ -59,14 +59,22 @@ class Figure:
     observed_s: float = 0.0
     profile_s: float = 0.0
     events: int = 0
+    #: of the events' time, what the cost model gives to other figures (a matmul span's elementwise work, per-op
+    #: dispatch, the disk stream's slowdown): the figure itself is rated on the rest
+    fixed_s: float = 0.0
+
+    @property
+    def own_s(self) -> float:
+        """The observed seconds this figure's work took (``observed_s - fixed_s``, at least a tenth of it)."""
+        return max(self.observed_s - self.fixed_s, 0.1 * self.observed_s)
 
     @property
     def speed(self) -> float:
         """How many times faster the run did this work than the profile says (the factor the profile is scaled by)."""
-        return self.profile_s / self.observed_s
+        return self.profile_s / self.own_s
 
     def observed(self) -> float:
-        return self.work / self.observed_s if self.unit != "s" else self.observed_s / self.work
+        return self.work / self.own_s if self.unit != "s" else self.observed_s / self.work
 
     def profiled(self) -> float:
         return self.work / self.profile_s if self.unit != "s" else self.profile_s / self.work
@@ -76,13 +84,13 @@ class Figure:
         return {"resource": self.resource, "figure": self.figure, f"observed_{self.unit}": self.observed(),
                 f"profile_{self.unit}": self.profiled(), "ratio": ratio, "events": self.events, "unit": self.unit,
                 "work": self.work, "observed_s": self.observed_s, "profile_s": self.profile_s,
-                "drifted": drifted(ratio)}
+                "fixed_s": self.fixed_s, "drifted": drifted(ratio)}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Figure":
         """The figure a ``row`` (of a result.json's drift report) was written from."""
         return cls(row["resource"], row["figure"], row["unit"], row["work"], row["observed_s"], row["profile_s"],
-                   row["events"])
+                   row["events"], row.get("fixed_s", 0.0))
 
 
 def drifted(ratio: float, threshold: float = DRIFT_THRESHOLD) -> bool:
@@ -121,13 +129,15 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
     shapes = matmul_shapes(plan)
     figs: dict[tuple[str, str], Figure] = {}
 
-    def add(resource: str, figure: str, unit: str, work: float, e: Event, profile_s: float) -> None:
+    def add(resource: str, figure: str, unit: str, work: float, e: Event, profile_s: float,
+            fixed_s: float = 0.0) -> None:
         if profile_s < MIN_OP_OVERHEADS * prof.overheads.per_op_s or e.duration_s <= 0:
             return
         f = figs.setdefault((resource, figure), Figure(resource, figure, unit))
         f.work += work
         f.observed_s += e.duration_s
         f.profile_s += profile_s
+        f.fixed_s += fixed_s
         f.events += 1
 
     for e in timeline.events:
@@ -137,28 +147,57 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
         unit = compute_unit(resource, prof)
         if unit.kind == "cuda":  # a span times the kernels' launch, not the kernels: no rate in it
             continue
+        draft = e.name.startswith("draft.")
+        slow = 1.0 if draft else shapes.streaming  # the disk stream's slowdown of the target's compute
         if e.name.endswith("attention"):
             if e.bytes and unit.decode_attention_Bps is not None:
-                add(resource, "decode_attention_Bps", "Bps", e.bytes, e, e.bytes / unit.decode_attention_Bps.at(e.bytes))
+                t = e.bytes / unit.decode_attention_Bps.at(e.bytes)
+                add(resource, "decode_attention_Bps", "Bps", e.bytes, e, t, (slow - 1) * t)
         elif e.flops > 0 and e.bytes > 0:
             params = e.bytes / item  # the weights the op multiplies by (its bytes are theirs): rows = flops / 2 / params
-            k, n, op_dtype = shapes.get("draft" if e.name.startswith("draft.") else e.name,
-                                        (max(1, round(params)), 1, plan.policy.weight_dtype))
+            op = shapes.ops.get("draft" if draft else e.name)
+            k, n, op_dtype = (op.k, op.n, op.dtype) if op else (max(1, round(params)), 1, plan.policy.weight_dtype)
             curve = unit.matmul_curve(compute_dtype(unit, op_dtype), k, n)
-            rate = curve.flops.at(max(1.0, e.flops / (2 * params)))
-            add(resource, f"matmul {curve.dtype} {curve.k}x{curve.n}", "flop_per_s", e.flops, e, e.flops / rate)
+            t = e.flops / curve.flops.at(max(1.0, e.flops / (2 * params)))
+            rest = op.rest_s_per_flop(unit, prof.overheads.per_op_s) * e.flops if op else 0.0
+            add(resource, f"matmul {curve.dtype} {curve.k}x{curve.n}", "flop_per_s", e.flops, e, t,
+                rest + (slow - 1) * (t + rest))
     return list(figs.values())
 
 
-def matmul_shapes(plan: Plan) -> dict[str, tuple[int, int, str | None]]:
-    """The weight shape ``(k, n)`` and dtype the cost model gives each matmul of a decode round, by the op's name
-    (``L3.attn_proj``, ``L3.E5``, ``lm_head``: the engine names its spans alike; ``draft``: the draft's folded
-    matmuls), so an event is rated on the curve the cost model times its op on."""
-    out: dict[str, tuple[int, int, str | None]] = {}
-    for op in decode_round(plan, mean_decode_context(plan)).ops:
-        if op.kind == "matmul" and op.shape is not None:
-            out["draft" if op.group == "draft" else op.name] = (op.shape[1], op.shape[2], op.dtype)
-    return out
+@dataclass(frozen=True)
+class MatmulOp:
+    """What the cost model gives one matmul of a decode round besides its FLOPs: its weight shape and dtype (the
+    curve it is rated on), and per FLOP its activation bytes and kernel calls (timed at other figures)."""
+
+    k: int
+    n: int
+    dtype: str | None
+    act_bytes_per_flop: float
+    calls_per_flop: float
+
+    def rest_s_per_flop(self, unit: ComputeUnit, per_op_s: float) -> float:
+        ew = unit.elementwise_Bps
+        return (self.act_bytes_per_flop / ew.median if ew is not None else 0.0) + self.calls_per_flop * per_op_s
+
+
+@dataclass(frozen=True)
+class RoundShapes:
+    ops: dict[str, MatmulOp]  # by the op's name (``L3.E5``; ``draft``: the draft's folded matmuls)
+    streaming: float  # the round's ``program.streaming_factor``
+
+
+def matmul_shapes(plan: Plan) -> RoundShapes:
+    """The matmuls of a decode round by the op's name (``L3.attn_proj``, ``L3.E5``, ``lm_head``: the engine names
+    its spans alike; ``draft``: the draft's folded matmuls), so an event is rated on the curve the cost model times
+    its op on, net of what the cost model gives to other figures."""
+    ops = decode_round(plan, mean_decode_context(plan)).ops
+    out: dict[str, MatmulOp] = {}
+    for op in ops:
+        if op.kind == "matmul" and op.shape is not None and op.flops > 0:
+            out["draft" if op.group == "draft" else op.name] = MatmulOp(
+                op.shape[1], op.shape[2], op.dtype, op.act_bytes / op.flops, op.calls / op.flops)
+    return RoundShapes(out, streaming_factor(ops, op_times(ops, plan.profile), plan.profile))
 
 
 def _inside(e: Event, windows: list[tuple[float, float]]) -> bool:
