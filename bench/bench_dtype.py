@@ -44,10 +44,11 @@ def main() -> None:
     bench = demo_bench(out, args.profile)
     profile, prompts, prompt_len = bench.profile, bench.workload, bench.prompt_len
     calibration = Path("results/demo/calibration/calibration.json")
-    acceptance = args.acceptance
-    if acceptance is None and calibration.is_file():
+    acceptance, calibrated = args.acceptance, None
+    if acceptance is None and calibration.is_file():  # its curves too: pooled and per sequence
         rec = load(Calibration, calibration).acceptance[0]
-        acceptance, where = rec.per_token_acceptance_mle, f"the demo's calibration ({calibration})"
+        acceptance, calibrated = rec.per_token_acceptance_mle, str(calibration)
+        where = f"the demo's calibration ({calibration}, with its curves)"
     else:
         where = "--acceptance"
     drafts = ("none", str(bench.draft)) if acceptance is not None else ("none",)
@@ -56,8 +57,9 @@ def main() -> None:
 
     plans: dict[str, Path] = {}
     for name, dtype in (("profile's choice", None), ("float32", "float32")):
-        ask = make_ask(str(bench.target), args.vram, None, None, profile, drafts, acceptance, None, prompt_len,
-                       args.tokens, args.prompts, 3, dtype=dtype)
+        ask = make_ask(str(bench.target), args.vram, None, None, profile, drafts,
+                       None if calibrated else acceptance, calibrated, prompt_len, args.tokens, args.prompts, 3,
+                       dtype=dtype)
         best = search(ask).plans[0]
         plans[name] = write_json(out / f"{best.policy.weight_dtype}-plan.json", best)
         p = best.prediction

@@ -40,6 +40,17 @@ def compute_dtype(unit: ComputeUnit, dtype: str | None) -> str:
     return "float32" if "float32" in have else have[0]
 
 
+def elementwise_rate(unit: ComputeUnit, dtype: str | None) -> float | None:
+    """The unit's measured elementwise bytes per second for activations of the op's compute dtype (else the nearest
+    measured: float32's for a dtype without figures); None where none was measured."""
+    rates = unit.elementwise_Bps
+    if not rates:
+        return None
+    d = compute_dtype(unit, dtype)
+    got = rates.get(d) or rates.get("float32") or next(iter(rates.values()))
+    return got.median
+
+
 def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
     t_mem = op.bytes / unit.memory_bandwidth_Bps.median if op.bytes else 0.0
     t_flop = 0.0
@@ -49,10 +60,10 @@ def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
     if op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
         # attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
         t_mem = op.bytes / unit.decode_attention_Bps.at(op.bytes / max(op.calls, 1))
-    ew = unit.elementwise_Bps
+    ew = elementwise_rate(unit, op.dtype)
     if op.kind == "elementwise" and op.bytes and ew is not None:
-        t_mem = op.bytes / ew.median
-    t_act = op.act_bytes / ew.median if op.act_bytes and ew is not None else 0.0
+        t_mem = op.bytes / ew
+    t_act = op.act_bytes / ew if op.act_bytes and ew is not None else 0.0
     return max(t_flop, t_mem) + t_act + op.calls * per_op_s
 
 

@@ -288,9 +288,10 @@ def test_activation_bytes_are_charged_at_the_elementwise_rate_after_the_matmul()
     op = Op("E", "device_compute", "matmul", flops=1e9, bytes=1e6, act_bytes=4e6, shape=(64, 576, 1536),
             dtype=prof.device.dtypes[0])
     base = op_time_s(op, prof)  # not measured: nothing charged
-    ew = prof.model_copy(update={"device": prof.device.model_copy(update={"elementwise_Bps": Stat.of(2e9)}),
-                                 "host": prof.host.model_copy(update={"elementwise_Bps": Stat.of(2e9)})})
-    assert op_time_s(op, ew) == pytest.approx(base + 4e6 / 2e9)
+    rates = {prof.device.dtypes[0]: Stat.of(2e9), "float16": Stat.of(1e9)}
+    ew = prof.model_copy(update={"device": prof.device.model_copy(update={"elementwise_Bps": rates}),
+                                 "host": prof.host.model_copy(update={"elementwise_Bps": rates})})
+    assert op_time_s(op, ew) == pytest.approx(base + 4e6 / 2e9)  # at the rate of the op's dtype
     # the activation bytes are the matmuls' inputs and outputs, one formula for the planner and the probe
     spec = tiny_moe()
     (expert,) = [o for o in unit_ops(Costing(spec=spec, profile=prof, weight_dtype="float32", kv_dtype="float32"),

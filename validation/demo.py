@@ -21,18 +21,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from specplan.contracts.plan import Sampling
 from specplan.contracts.plan import Plan
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_atomic, write_json
+from specplan.planner.search import DRAFT_LENS
 from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, RunReport, encode_prompts, read_prompts, run_plan_file
 from specplan.validation.show import show_run, show_written
 from specplan.validation.trials import Contender, median_trial, ratio, run_trials, summarise
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
 CALIBRATION_PROMPTS = 12
+#: the calibration run proposes the longest draft the search tries, so its curves P(n >= i) (about the same at
+#: every draft length for the positions they share) cover every draft length the search weighs, unextrapolated
+CALIBRATION_DRAFT_LEN = max(DRAFT_LENS)
 
 
 def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: int, out_dir: str | Path,
@@ -74,7 +79,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     say(f"[bold]3/6 calibrate[/bold]: the draft's acceptance on {len(held_out)} held-out prompts "
         f"({FIXED_LENGTH_WORKLOAD})")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
-                output=out / "calibration" / "plan.json")
+                output=out / "calibration" / "plan.json", draft_len=CALIBRATION_DRAFT_LEN)
     run_step(out / "calibration" / "plan.json", files["calibration"], None, out / "calibration", not fresh, say)
     calibration = out / "calibration" / "calibration.json"
 
@@ -118,9 +123,10 @@ def longest_prompt(model_dir: Path, texts: list[str]) -> int:
 
 def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_len: int, drafts: tuple[str, ...],
                 num_prompts: int, output: Path, top: int = 5, calibration: str | None = None,
-                sampling: Sampling = Sampling()) -> None:
-    """What ``specplan search`` does and prints for these options, writing the best plan to ``output``; the plan
-    records the equivalent ``specplan search`` command line."""
+                sampling: Sampling = Sampling(), draft_len: int | None = None) -> None:
+    """What ``specplan search`` does and prints for these options, writing the best plan to ``output`` (with
+    ``draft_len``: the best of that draft length, where the search found one); the plan records the equivalent
+    ``specplan search`` command line."""
     from specplan.planner.asking import make_ask
     from specplan.planner.report import search_lines
     from specplan.planner.search import search
@@ -134,8 +140,11 @@ def search_step(model: str, vram: float, profile_arg: str, prompt_len: int, gen_
                                            f"{sampling.top_p:g}", "--top-k", str(sampling.top_k), "--seed",
                                            str(sampling.seed)))]
     ask = make_ask(model, vram, None, None, profile_arg, drafts, None, calibration, prompt_len, gen_len, num_prompts,
-                   top, shlex.join(["specplan", "search", *flags]), sampling)
+                   top if draft_len is None else 40, shlex.join(["specplan", "search", *flags]), sampling)
     result = search(ask)
+    if draft_len is not None:
+        longest = [p for p in result.plans if p.policy.draft_len == draft_len]
+        result = replace(result, plans=longest[:1] or result.plans[:top])
     print("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
     show_written([write_json(output, result.plans[0])])
 

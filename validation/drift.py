@@ -34,7 +34,7 @@ from specplan.contracts.model import dtype_bytes
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Event, Timeline, merged_busy_s
 from specplan.engine.execute.results import decode_windows
-from specplan.planner.cost import compute_dtype, compute_unit, physical_resource
+from specplan.planner.cost import compute_dtype, compute_unit, elementwise_rate, physical_resource
 from specplan.planner.predict import mean_decode_context
 from specplan.planner.program import decode_round, op_times, streaming_factor
 from specplan.validation.compare import AT_ACCEPTANCE, prediction_for, signed_error
@@ -177,8 +177,8 @@ class MatmulOp:
     calls_per_flop: float
 
     def rest_s_per_flop(self, unit: ComputeUnit, per_op_s: float) -> float:
-        ew = unit.elementwise_Bps
-        return (self.act_bytes_per_flop / ew.median if ew is not None else 0.0) + self.calls_per_flop * per_op_s
+        ew = elementwise_rate(unit, self.dtype)
+        return (self.act_bytes_per_flop / ew if ew is not None else 0.0) + self.calls_per_flop * per_op_s
 
 
 @dataclass(frozen=True)

@@ -181,8 +181,8 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
     attention = pc.attention_curve(spec, c.attention_kv_bytes, device, c.reps, c.min_sample_s, c.working_set_bytes,
                                    ticker)
     membw, note = pc.memory_bandwidth(device, c.membw_bytes, c.reps, c.min_sample_s)
-    ew_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
-    elementwise = pc.elementwise_rate(ew_dtype, device, c.reps, c.min_sample_s)
+    ew_dtypes = [d for d in ("float32", "bfloat16", "float16") if d in dtypes]
+    elementwise = {d: pc.elementwise_rate(d, device, c.reps, c.min_sample_s) for d in ew_dtypes}
     ticker.tick(f"memory bandwidth ({device})")
     unit = ComputeUnit(
         kind="cuda" if device == "cuda" else "cpu", name=name, memory_bytes=memory_bytes, memory_bandwidth_Bps=membw,
@@ -191,7 +191,7 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
     notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
                    f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), float32, one sequence "
                    f"per call",
-             f"elementwise_Bps: the engine's elementwise code of one MoE layer ({ew_dtype}, "
+             f"elementwise_Bps: the engine's elementwise code of one MoE layer ({', '.join(ew_dtypes)}, "
              f"{' and '.join(map(str, pc.EW_ROWS))} rows) as its matmuls' activation bytes per second"]
     return unit, notes
 

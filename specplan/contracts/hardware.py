@@ -182,8 +182,9 @@ class ComputeUnit(Strict):
     #: over the KV bytes read by one call.
     decode_attention_Bps: Curve | None = None
     #: the engine's elementwise work around a layer's matmuls (norms, rope, activation, gathers, residuals), as the
-    #: matmuls' activation bytes (``contracts.rows``) per second; None: not measured (charged nothing)
-    elementwise_Bps: Stat | None = None
+    #: matmuls' activation bytes (``contracts.rows``) per second, by the activations' dtype; None: not measured
+    #: (charged nothing)
+    elementwise_Bps: dict[str, Stat] | None = None
     threads: int | None = None
 
     @property
