@@ -206,3 +206,13 @@ def test_on_a_gpu_machine_a_slow_copy_is_h2d_drift_and_compute_spans_give_no_rat
     assert d["signed_error_at_profile"]["decode_tok_s"] > 0.2
     assert abs(d["signed_error_at_observed_rates"]["decode_tok_s"]) < 1e-9
     assert d["profile_warnings"] == []  # a published profile is neither stale nor contended
+
+
+def test_an_overhead_rows_totals_and_per_count_seconds_are_apart():
+    """Seconds per count (``observed_s_each``) next to the totals (``observed_s``), which a row used to overwrite."""
+    from specplan.validation.drift import Figure
+
+    row = Figure("overheads", "per_step_s", "s", work=100, observed_s=0.6, profile_s=0.002, events=100).row()
+    assert row["observed_s"] == 0.6 and row["observed_s_each"] == pytest.approx(0.006)
+    assert row["profile_s"] == 0.002 and row["profile_s_each"] == pytest.approx(2e-5)
+    assert Figure.from_row(row).observed() == pytest.approx(0.006)

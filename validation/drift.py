@@ -81,8 +81,9 @@ class Figure:
 
     def row(self) -> dict[str, Any]:
         ratio = self.observed() / self.profiled()
-        return {"resource": self.resource, "figure": self.figure, f"observed_{self.unit}": self.observed(),
-                f"profile_{self.unit}": self.profiled(), "ratio": ratio, "events": self.events, "unit": self.unit,
+        each = "s_each" if self.unit == "s" else self.unit  # seconds per count, apart from the totals observed_s ...
+        return {"resource": self.resource, "figure": self.figure, f"observed_{each}": self.observed(),
+                f"profile_{each}": self.profiled(), "ratio": ratio, "events": self.events, "unit": self.unit,
                 "work": self.work, "observed_s": self.observed_s, "profile_s": self.profile_s,
                 "fixed_s": self.fixed_s, "drifted": drifted(ratio)}
 

@@ -92,7 +92,7 @@ def drift_lines(d: dict) -> list[str]:
 
     def value(row: dict) -> str:
         for unit, show in (("Bps", lambda v: human_rate(v, "B/s")), ("flop_per_s", lambda v: human_rate(v, "FLOP/s")),
-                           ("s", human_seconds)):
+                           ("s_each", human_seconds)):
             if f"observed_{unit}" in row:
                 return f"{show(row[f'observed_{unit}'])}, the profile says {show(row[f'profile_{unit}'])}"
         raise KeyError(row["figure"])
