@@ -110,7 +110,8 @@ def expected_rounds(acceptance: float | None, draft_len: int, tokens: int, seque
     return _expected_max_rounds_mixture((pmf,), tokens, sequences)
 
 
-def _done_by_round(pmf: Sequence[float], tokens: int, rounds: int):
+@lru_cache(maxsize=1024)
+def _done_by_round(pmf: tuple[float, ...], tokens: int, rounds: int):
     """P(a sequence whose rounds commit j + 1 tokens with ``pmf[j]`` has ``tokens`` after r rounds), r = 0..rounds."""
     import numpy as np
 

@@ -125,6 +125,8 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
     def tail(i: int) -> tuple[int, int]:
         return (i, stages[i].template.tail)
 
+    #: each calibration sequence's accepted-length pmf (a sequence of a batch is drawn as one of them), computed once
+    kind_pmfs = [accepted_drafts_pmf(None, pol.draft_len, c) for c in pol.acceptance_sequence_curves or ()]
     previous_wave: tuple[tuple[int, int], ...] = ()
     for wave, seqs in enumerate(wave_sizes(plan)):
         sizes = split_wave(seqs, pol.num_batches)
@@ -136,8 +138,7 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
                     pass_index=k, seqs=n, context_len=0, tokens=float(n))
             prefills.append(tail(i))
             after = ((i, stages[i].template.token),)  # the next pass follows the target's part of this one
-        curves = pol.acceptance_sequence_curves
-        batches = [_Batch(b, n, rng.integers(len(curves), size=n) if curves and rng is not None else None)
+        batches = [_Batch(b, n, rng.integers(len(kind_pmfs), size=n) if kind_pmfs and rng is not None else None)
                    for b, n in enumerate(sizes)]
         rounds = 0
         while True:
@@ -156,7 +157,7 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
                                      batch=b.index, round=rounds, seqs=n, context_len=context, tokens=0.0)),)
                 new = _commit(b.committed, active, gen_len=wl.gen_len, acceptance=pol.acceptance,
                               draft_len=pol.draft_len, rng=rng, curve=pol.acceptance_curve,
-                              kinds=b.kinds, sequence_curves=curves)
+                              kinds=b.kinds, kind_pmfs=kind_pmfs)
                 b.last_stage = add(templates.target(b.index, context, n), prev,
                                    kind="verify" if pol.speculative else "decode", wave=wave, batch=b.index,
                                    round=rounds, seqs=n, context_len=context, tokens=new)
@@ -169,15 +170,14 @@ def build_script(plan: Plan, seed: int | None = None, kv_step: int | None = None
 
 def _commit(committed: np.ndarray, active: np.ndarray, *, gen_len: int, acceptance: float | None, draft_len: int,
             rng: np.random.Generator | None, curve: list[float] | None = None, kinds: np.ndarray | None = None,
-            sequence_curves: list[list[float]] | None = None) -> float:
+            kind_pmfs: list[list[float]] | None = None) -> float:
     """Add one round's tokens to the active sequences (never past gen_len); return how many were added. With
-    ``kinds``, each sequence draws from its own calibration sequence's curve (``sequence_curves[kind]``)."""
+    ``kinds``, each sequence draws from its own calibration sequence's accepted-length pmf (``kind_pmfs[kind]``)."""
     left = gen_len - committed[active]
     if rng is None:
         got = np.full(left.shape, expected_tokens_per_seq(acceptance, draft_len, curve))
-    elif draft_len and kinds is not None and sequence_curves:
-        pmfs = [accepted_drafts_pmf(None, draft_len, c) for c in sequence_curves]
-        got = np.array([rng.choice(draft_len + 1, p=pmfs[k]) for k in kinds[active]]) + 1.0
+    elif draft_len and kinds is not None and kind_pmfs:
+        got = np.array([rng.choice(draft_len + 1, p=kind_pmfs[k]) for k in kinds[active]]) + 1.0
     elif draft_len:
         got = rng.choice(draft_len + 1, size=left.shape, p=accepted_drafts_pmf(acceptance, draft_len, curve)) + 1.0
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from specplan.contracts.hardware import Curve, MatmulCurve, Point, Stat
 from specplan.contracts.memory import kv_bytes as kv_cache_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
+from specplan.contracts.rows import attention_activation_bytes, bucket_rows, ffn_activation_bytes
 from specplan.engine.measure.timing import Ticker, interleaved_seconds, rate, sample_seconds
 from specplan.engine.model.quant import LowBitLinear, quantise
 
@@ -211,7 +212,6 @@ def elementwise_rate(dtype: str, device: str, reps: int, min_sample_s: float) ->
     import torch
     import torch.nn.functional as F
 
-    from specplan.contracts.rows import attention_activation_bytes, bucket_rows, ffn_activation_bytes
     from specplan.engine.model.forward import apply_rope, rms_norm
 
     g = EW_GEOMETRY

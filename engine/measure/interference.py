@@ -15,10 +15,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from itertools import cycle
 from pathlib import Path
 
 from specplan.contracts.hardware import Stat
 from specplan.engine.io import directio
+from specplan.engine.measure.timing import calls_per_sample, seconds_per_call
 
 #: the probe's expert (the demo target's expert shape), rows per call, and copies it rotates over
 HIDDEN, INTERMEDIATE, ROWS, COPIES = 576, 1536, 64, 24
@@ -27,34 +29,23 @@ READ_BYTES = 12 << 20
 
 
 def expert_probe(dtype: str) -> Callable[[], object]:
-    """One call of a gated expert FFN on ``ROWS`` rows, each call on the next of ``COPIES`` weight copies."""
+    """One call of the engine's gated expert FFN (``forward.gated_ffn``) on ``ROWS`` rows, each call on the next of
+    ``COPIES`` weight copies."""
     import torch
     import torch.nn.functional as F
 
+    from specplan.engine.model.forward import gated_ffn
+
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
-    copies = [tuple(torch.randn(shape, generator=g).to(dt) for shape in ((INTERMEDIATE, HIDDEN),) * 2 +
-                    ((HIDDEN, INTERMEDIATE),)) for _ in range(COPIES)]
-    x = torch.randn(ROWS, HIDDEN, generator=g).to(dt)
-    state = {"i": 0}
 
-    def call():
-        gate, up, down = copies[state["i"] % COPIES]
-        state["i"] += 1
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    def w(*shape):
+        return torch.randn(*shape, generator=g).to(dt)
 
-    return call
-
-
-def _seconds(fn: Callable[[], object], min_s: float) -> float:
-    """Mean seconds per call over at least ``min_s`` of calls."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s:
-            return dt / n
+    copies = cycle([{"gate": w(INTERMEDIATE, HIDDEN), "up": w(INTERMEDIATE, HIDDEN), "down": w(HIDDEN, INTERMEDIATE)}
+                    for _ in range(COPIES)])
+    x = w(ROWS, HIDDEN)
+    return lambda: gated_ffn(x, next(copies), F.silu)
 
 
 def streaming_slowdown(path: Path, compute: Callable[[], object], reps: int, min_sample_s: float) -> Stat:
@@ -80,14 +71,12 @@ def streaming_slowdown(path: Path, compute: Callable[[], object], reps: int, min
     t.start()
     ratios = []
     try:
-        for _ in range(4):
-            compute()  # warm: kernels built, copies touched
-        sample_s = max(min_sample_s, 0.05)
+        calls = calls_per_sample(compute, max(min_sample_s, 0.05))  # warms up: kernels built, copies touched
         for _ in range(max(reps, 3)):
-            idle = _seconds(compute, sample_s)
+            idle = seconds_per_call(compute, calls)
             streaming.set()
             time.sleep(0.01)  # the first read is under way
-            busy = _seconds(compute, sample_s)
+            busy = seconds_per_call(compute, calls)
             streaming.clear()
             time.sleep(0.02)  # the last read has ended
             ratios.append(max(busy / idle, 1.0))
