@@ -39,6 +39,7 @@ def test_demo_runs_every_step_into_one_folder(tiny_model, tmp_path, monkeypatch)
 
     assert load(Calibration, out / "calibration" / "calibration.json").acceptance[0].target == load(
         Plan, out / "plan.json").model.name
+    assert "ran " in (out / "calibration" / "run.log").read_text()  # the calibration ran in its own process too
     baseline = load(Plan, out / "baseline" / "plan.json")
     assert not baseline.policy.speculative
     assert baseline.command.startswith(f"specplan search --model {target} --vram 0.01")

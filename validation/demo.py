@@ -3,7 +3,8 @@
     1 build     the demo MoE (SmolLM2-135M-Instruct upcycled into a Mixtral-architecture MoE) and its draft
                 (SmolLM2 itself), cached
     2 profile   this machine (`specplan profile --quick`, in a child process), unless a measured profile exists
-    3 calibrate the draft's acceptance: a short speculative run on held-out prompts writes calibration.json
+    3 calibrate the draft's acceptance: a short speculative run on held-out prompts, in its own fresh process,
+                writes calibration.json
     4 search    the best plan under a resident budget that leaves most experts on disk, with the measured
                 acceptance, and the best plan without a draft (the baseline)
     5 simulate  the best plan
@@ -29,9 +30,9 @@ from specplan.contracts.plan import Plan
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_atomic, write_json
 from specplan.planner.search import DRAFT_LENS
-from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, RunReport, encode_prompts, read_prompts, run_plan_file
+from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, encode_prompts, find_finished, read_prompts
 from specplan.validation.show import show_run, show_written
-from specplan.validation.trials import Contender, median_trial, ratio, run_trials, summarise
+from specplan.validation.trials import Contender, Trial, median_trial, ratio, run_fresh, run_trials, summarise
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
 CALIBRATION_PROMPTS = 12
@@ -80,7 +81,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
         f"({FIXED_LENGTH_WORKLOAD})")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
                 output=out / "calibration" / "plan.json", draft_len=CALIBRATION_DRAFT_LEN)
-    run_step(out / "calibration" / "plan.json", files["calibration"], None, out / "calibration", not fresh, say)
+    run_step(out / "calibration" / "plan.json", files["calibration"], out / "calibration", not fresh, say)
     calibration = out / "calibration" / "calibration.json"
 
     say("[bold]4/6 search[/bold]: with the measured acceptance, and the best plan without a draft")
@@ -164,19 +165,24 @@ def simulate_step(plan_file: Path, folder: Path) -> None:
     show_written(written)
 
 
-def run_step(plan_file: Path, prompts_file: Path, num_prompts: int | None, folder: Path, resume: bool = False,
-             say: Callable[[str], None] = print) -> RunReport:
-    """What ``specplan run PLAN --prompts FILE [--num-prompts N] --fixed-length -o FOLDER`` does and prints (the
-    fixed-length workload the prediction assumes: EOS ignored); ``resume``: a run that finished in ``folder`` with
-    the same plan, prompts and length is shown, not run again."""
-    run = run_plan_file(plan_file, prompts_file=prompts_file, num_prompts=num_prompts, stop_at_eos=False,
-                        out_dir=folder, resume=resume)
-    if run.reused:
+def run_step(plan_file: Path, prompts_file: Path, folder: Path, resume: bool = False,
+             say: Callable[[str], None] = print) -> dict:
+    """``specplan run PLAN --prompts FILE --fixed-length -o FOLDER`` (the fixed-length workload the prediction
+    assumes: EOS ignored) in its own fresh process, as the trials run (the demo's process has built models and holds
+    their memory: a run inside it would report that process's peak RSS and its warm state), then its tables;
+    ``resume``: a run that finished in ``folder`` with the same plan, prompts and length is shown, not run again.
+    Its result.json body."""
+    report = find_finished(plan_file, prompts_file, None, None, folder) if resume else None
+    if report is not None:
         say(f"[bold]kept[/bold] the finished run in {folder} (same plan, prompts and length, run_id "
-            f"{run.report['run_id']}); `specplan demo --fresh` measures it again")
-    show_run(run.plan, run.report)
-    show_written(run.written)
-    return run
+            f"{report['run_id']}); `specplan demo --fresh` measures it again")
+    else:
+        report, others = run_fresh(plan_file, prompts_file, None, folder)
+        if Trial("calibration", 1, folder, report, others).contended:
+            say(f"[bold yellow]other processes took {others:.0%} of the CPUs during this run[/bold yellow]")
+    show_run(load(Plan, plan_file), report)
+    show_written([folder / "result.json", folder / "calibration.json"])
+    return report
 
 
 def comparison_lines(summary: dict, trials: list) -> tuple[list[str], dict]:
