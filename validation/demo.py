@@ -32,7 +32,7 @@ from specplan.jsonio import load, write_atomic, write_json
 from specplan.planner.search import DRAFT_LENS
 from specplan.validation.runs import FIXED_LENGTH_WORKLOAD, encode_prompts, find_finished, read_prompts
 from specplan.validation.show import show_run, show_written
-from specplan.validation.trials import Contender, Trial, median_trial, ratio, run_fresh, run_trials, summarise
+from specplan.validation.trials import Contender, contended, median_trial, ratio, run_fresh, run_trials, summarise
 
 #: the bundled prompts are split: the first CALIBRATION_PROMPTS measure the acceptance, the rest are the workload
 CALIBRATION_PROMPTS = 12
@@ -81,7 +81,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
         f"({FIXED_LENGTH_WORKLOAD})")
     search_step(**common, drafts=(str(models.draft),), num_prompts=len(held_out), top=1,
                 output=out / "calibration" / "plan.json", draft_len=CALIBRATION_DRAFT_LEN)
-    run_step(out / "calibration" / "plan.json", files["calibration"], out / "calibration", not fresh, say)
+    calibrate_step(out / "calibration" / "plan.json", files["calibration"], out / "calibration", not fresh, say)
     calibration = out / "calibration" / "calibration.json"
 
     say("[bold]4/6 search[/bold]: with the measured acceptance, and the best plan without a draft")
@@ -165,9 +165,9 @@ def simulate_step(plan_file: Path, folder: Path) -> None:
     show_written(written)
 
 
-def run_step(plan_file: Path, prompts_file: Path, folder: Path, resume: bool = False,
+def calibrate_step(plan_file: Path, prompts_file: Path, folder: Path, resume: bool = False,
              say: Callable[[str], None] = print) -> dict:
-    """``specplan run PLAN --prompts FILE --fixed-length -o FOLDER`` (the fixed-length workload the prediction
+    """The calibration run: ``specplan run PLAN --prompts FILE --fixed-length -o FOLDER`` (the fixed-length workload the prediction
     assumes: EOS ignored) in its own fresh process, as the trials run (the demo's process has built models and holds
     their memory: a run inside it would report that process's peak RSS and its warm state), then its tables;
     ``resume``: a run that finished in ``folder`` with the same plan, prompts and length is shown, not run again.
@@ -178,7 +178,7 @@ def run_step(plan_file: Path, prompts_file: Path, folder: Path, resume: bool = F
             f"{report['run_id']}); `specplan demo --fresh` measures it again")
     else:
         report, others = run_fresh(plan_file, prompts_file, None, folder)
-        if Trial("calibration", 1, folder, report, others).contended:
+        if contended(others):
             say(f"[bold yellow]other processes took {others:.0%} of the CPUs during this run[/bold yellow]")
     show_run(load(Plan, plan_file), report)
     show_written([folder / "result.json", folder / "calibration.json"])

@@ -51,7 +51,12 @@ class Trial:
 
     @property
     def contended(self) -> bool:
-        return self.others_cpu_fraction is not None and self.others_cpu_fraction > VOID_OTHERS
+        return contended(self.others_cpu_fraction)
+
+
+def contended(others_cpu_fraction: float | None) -> bool:
+    """Whether other processes took enough of the CPUs during a run to void its figures (None: not recorded)."""
+    return others_cpu_fraction is not None and others_cpu_fraction > VOID_OTHERS
 
 
 def rep_folder(folder: Path, rep: int) -> Path:
