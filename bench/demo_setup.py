@@ -34,16 +34,16 @@ def demo_arguments(description: str, out: str, csv: str) -> argparse.ArgumentPar
     return ap
 
 
-def demo_bench(out: Path, profile: str | None) -> DemoBench:
-    """The demo models, ``profile`` (default: this machine's newest measured one; exits if there is none) and the
-    prompt files in ``out``."""
+def demo_bench(out: Path, profile: str | None, **build) -> DemoBench:
+    """The demo models (``build``: ``build_demo``'s parameters, e.g. ``noise``), ``profile`` (default: this
+    machine's newest measured one; exits if there is none) and the prompt files in ``out``."""
     from specplan.catalog import measured_profiles
     from specplan.engine.build.models import build_demo
     from specplan.jsonio import write_atomic
     from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt
     from specplan.validation.runs import read_prompts
 
-    demo = build_demo(log=print)
+    demo = build_demo(log=print, **build)
     profile = profile or (str(measured_profiles()[0]) if measured_profiles() else None)
     if profile is None:
         sys.exit("no measured profile of this machine: run `specplan profile --quick` first")

@@ -1,12 +1,13 @@
 """Benchmark: specplan against what users run today on a model larger than their memory, at the same memory limit.
 
     python bench/peers.py [--limit-gib 1.5] [--vram 0.75] [--prompts 8] [--tokens 16] [--repeat 3]
-                          [--contenders accelerate,assisted,specplan-nodraft,specplan-best] [--noise X]
+                          [--prompts-file FILE] [--contenders accelerate,assisted,...] [--noise X] [--experts N]
                           [--profile NAME|FILE] [--calibration FILE] [--trial-timeout 900]
                           [--csv bench/results/peers.csv] [--png bench/results/peers.png] [--out results/bench-peers]
 
 Same weights (the demo target, SmolLM2-135M upcycled into a Mixtral-architecture MoE, built by ``build_demo``), same
-prompts (the bundled ones after the demo's held-out calibration prompts, each one user message of the chat
+prompts (the bundled ones after the demo's held-out calibration prompts, or ``--prompts-file``'s such as the bundled
+``profiles/prompts/chat64.txt``, each one user message of the chat
 template, the same token ids for every contender), the same number of new tokens (fixed length, EOS ignored),
 greedy, the same precision (the dtype of specplan's plans: the planner's choice for this machine's profile), and
 one memory limit for all (``peers_harness.METHOD``: a cgroup v1 group, page cache included; cold cache before every
@@ -16,9 +17,16 @@ Contenders: ``accelerate`` (transformers ``device_map="auto"``, ``max_memory`` =
 ``offload_folder``: the rest on disk; all prompts in one left-padded batch), ``assisted`` (the same with
 ``assistant_model`` = the demo draft; one prompt at a time, as transformers runs it), ``specplan-nodraft`` (the best
 plan without a draft at a resident budget of ``--vram`` GiB) and ``specplan-best`` (the planner's choice with the
-draft and its measured acceptance), each as ``specplan run --fixed-length``, and ``llamacpp-bf16`` (``peers_llamacpp``:
-llama.cpp vendored in the llama-cpp-python sdist, built once, the model converted to a bf16 GGUF by llama.cpp's own
-converter, ``llama-server`` with one parallel slot per prompt and its mmap loading).
+draft and its measured acceptance), each as ``specplan run --fixed-length``, and ``llamacpp-f32`` /
+``llamacpp-bf16`` (``peers_llamacpp``: llama.cpp vendored in the llama-cpp-python sdist, built once, the model
+converted to an f32 / bf16 GGUF by llama.cpp's own converter, ``llama-server`` with one parallel slot per prompt and
+its mmap loading) and ``llamacpp-bf16-draft`` (the same with llama.cpp's own draft-model speculative decoding, the
+demo draft converted the same way, its defaults).
+
+``--noise`` builds the demo target with more per-expert perturbation (``bench/noise_acceptance.py`` measures the
+draft's acceptance per noise): the demo target, upcycled from its own draft, accepts ~0.93 of its tokens, more than
+real pairs (0.5-0.8). ``--experts`` builds it with more experts per layer: a model that does not fit the limit at
+bf16, where llama.cpp's mmap'd file cannot stay in the page cache.
 
 Throughput figures, all over the tokens asked for (prompts x tokens): end-to-end = the whole process (start,
 imports, load, prefill, decode); generation = prefill + decode after the load; decode-only = after each
@@ -43,12 +51,17 @@ from peers_harness import (METHOD, Run, compare_tokens, fmt, fmt_spread, make_gr
                            remove_group, run_in_group, spread, table)
 
 from specplan.errors import SpecplanError
+from specplan.fmt import human_bytes
 
-CONTENDERS = ("accelerate", "assisted", "llamacpp-bf16", "specplan-nodraft", "specplan-best")
+CONTENDERS = ("accelerate", "assisted", "llamacpp-f32", "llamacpp-bf16", "llamacpp-bf16-draft", "specplan-nodraft",
+              "specplan-best")
+#: the GGUFs each llama.cpp contender runs: (its model, its draft or None), as (demo model, outtype)
+LLAMA_GGUFS = {"llamacpp-f32": (("target", "f32"), None), "llamacpp-bf16": (("target", "bf16"), None),
+               "llamacpp-bf16-draft": (("target", "bf16"), ("draft", "bf16"))}
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 FIGURES = ("e2e_tok_s", "gen_tok_s", "decode_tok_s", "ttft_s", "startup_load_s", "peak_rss_bytes",
-           "group_peak_bytes")
+           "group_peak_bytes", "accepted_fraction")
 
 
 def main() -> None:
@@ -59,10 +72,15 @@ def main() -> None:
     ap.add_argument("--vram", type=float, default=0.75, help="resident weight budget in GiB (specplan's plans, "
                                                             "transformers' max_memory)")
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts-file", default=None, help="the workload's prompts, one per line [default: the "
+                                                         "bundled ones after the held-out calibration prompts]")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--noise", type=float, default=None, help="the demo target's per-expert perturbation")
+    ap.add_argument("--noise", type=float, default=None, help="the demo target's per-expert perturbation (a larger "
+                                                             "one lowers the draft's acceptance)")
+    ap.add_argument("--experts", type=int, default=None, help="the demo target's experts per layer (more: a larger "
+                                                              "model, one that does not fit the limit at bf16)")
     ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
     ap.add_argument("--calibration", default=None, help="the draft's measured acceptance [default: measured here]")
     ap.add_argument("--trial-timeout", type=float, default=900.0)
@@ -112,6 +130,7 @@ def run(args) -> None:
 def prepare(args, names: list[str]) -> dict:
     """Models, profile, prompts (text and token ids), calibration and specplan's two plans."""
     from specplan.catalog import measured_profiles, user_dir
+    from specplan.contracts.calibration import Calibration
     from specplan.contracts.plan import Plan
     from specplan.engine.build.models import build_demo
     from specplan.engine.model.checkpoint import open_checkpoint
@@ -120,15 +139,20 @@ def prepare(args, names: list[str]) -> dict:
     from specplan.validation.runs import encode_prompts, read_prompts
     from specplan.validation.trials import run_fresh
 
-    demo = build_demo(log=print, **({"noise": args.noise} if args.noise is not None else {}))
+    demo = build_demo(log=print, **{k: v for k, v in (("noise", args.noise), ("num_experts", args.experts))
+                                    if v is not None})
     profile = args.profile or (str(measured_profiles()[0]) if measured_profiles() else None)
     if profile is None:
         raise SpecplanError("no measured profile of this machine: run `specplan profile --quick` first")
     out = Path(args.out)
     texts = read_prompts(None)
     held_out, workload = texts[:CALIBRATION_PROMPTS], texts[CALIBRATION_PROMPTS:]
+    if args.prompts_file:
+        workload = read_prompts(args.prompts_file)
+        texts = held_out + workload
     if args.prompts > len(workload):
-        raise SpecplanError(f"--prompts {args.prompts}: the bundled workload has {len(workload)} prompts")
+        raise SpecplanError(f"--prompts {args.prompts}: the workload has {len(workload)} prompts; give a "
+                            f"--prompts-file with more")
     workload = workload[:args.prompts]
     files = {n: write_atomic(out / f"{n}.txt", "\n".join(t) + "\n") for n, t in (("held_out", held_out),
                                                                                  ("workload", workload))}
@@ -148,13 +172,18 @@ def prepare(args, names: list[str]) -> dict:
     plans = {n: load(Plan, out / n / "plan.json") for n in ("specplan-best", "specplan-nodraft")}
     sdist = (Path(args.llama_sdist) if args.llama_sdist else
              user_dir() / "llama.cpp" / f"llama_cpp_python-{peers_llamacpp.SDIST_VERSION}.tar.gz")
-    llama = (peers_llamacpp.setup(sdist, user_dir() / "llama.cpp", demo.target)
-             if "llamacpp-bf16" in names else None)
+    wanted = sorted({g for n in names if n in LLAMA_GGUFS for g in LLAMA_GGUFS[n] if g is not None})
+    llama = None
+    if wanted:
+        models = {"target": demo.target, "draft": demo.draft}
+        bin_dir, ggufs = peers_llamacpp.setup(sdist, user_dir() / "llama.cpp", [(models[m], t) for m, t in wanted])
+        llama = (bin_dir, dict(zip(wanted, ggufs)))
     dtype = plans["specplan-best"].policy.weight_dtype
     ids = encode_prompts(open_checkpoint(demo.target).tokenizer(), workload)
     return {"out": out, "target": demo.target, "draft": demo.draft, "profile": profile, "dtype": dtype,
             "prompts_file": files["workload"], "ids_file": write_json(out / "prompt_ids.json", ids),
-            "plans": plans, "calibration": calibration, "llama": llama, "asked_tokens": args.prompts * args.tokens}
+            "plans": plans, "calibration": calibration, "acceptance": load(Calibration, calibration).acceptance[0],
+            "llama": llama, "asked_tokens": args.prompts * args.tokens}
 
 
 def contender_command(name: str, setup: dict, args):
@@ -164,11 +193,12 @@ def contender_command(name: str, setup: dict, args):
         return lambda folder: [sys.executable, "-m", "specplan", "run", str(plan), "--fixed-length", "--prompts",
                                str(setup["prompts_file"]), "--num-prompts", str(args.prompts), "--max-new-tokens",
                                str(args.tokens), "-o", str(folder)]
-    if name == "llamacpp-bf16":
-        bin_dir, gguf = setup["llama"]
+    if name in LLAMA_GGUFS:
+        bin_dir, ggufs = setup["llama"]
+        model, draft = LLAMA_GGUFS[name]
         return lambda folder: [sys.executable, str(HERE / "peers_llamacpp.py"), "run", "--bin", str(bin_dir), "--gguf",
-                               str(gguf), "--ids", str(setup["ids_file"]), "--tokens", str(args.tokens), "-o",
-                               str(folder / "result.json")]
+                               str(ggufs[model]), "--ids", str(setup["ids_file"]), "--tokens", str(args.tokens), "-o",
+                               str(folder / "result.json"), *(("--draft", str(ggufs[draft])) if draft else ())]
     hf = [sys.executable, str(HERE / "peers_hf.py"), "--model", str(setup["target"]), "--ids", str(setup["ids_file"]),
           "--tokens", str(args.tokens), "--dtype", setup["dtype"], "--max-memory-bytes", str(int(args.vram * GIB)),
           *(("--assistant", str(setup["draft"])) if name == "assisted" else ())]
@@ -179,8 +209,9 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
     """One row: how the run ended and its figures over the tokens asked for (None where it cannot tell)."""
     row = {"contender": name, "rep": rep, "status": r.status, "returncode": r.returncode, "wall_s": r.wall_s,
            "cold_cache": r.cold_cache, "group_peak_bytes": r.group_peak_bytes, "e2e_tok_s": None, "gen_tok_s": None,
-           "decode_tok_s": None, "ttft_s": None, "startup_load_s": None, "peak_rss_bytes": None, "generated_tokens": None,
-           "token_ids": None, "dtype": setup["dtype"], "log": str(r.log)}
+           "decode_tok_s": None, "ttft_s": None, "startup_load_s": None, "accepted_fraction": None,
+           "peak_rss_bytes": None, "generated_tokens": None, "token_ids": None, "draft_tokens": None, "draft_accepted_tokens": None, "dtype": setup["dtype"],
+           "log": str(r.log)}
     if r.status != "ok":
         return row
     if name.startswith("specplan"):
@@ -188,14 +219,19 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
         m = res["measured"]
         ids = [json.loads(line)["token_ids"] for line in (folder / "outputs.jsonl").read_text().splitlines()
                if line.strip()]
+        acc = res.get("acceptance") or {}
         row.update(gen_tok_s=m["e2e_tok_s"], decode_tok_s=m["decode_tok_s"], ttft_s=m["ttft_s"],
                    startup_load_s=r.wall_s - m["total_s"], peak_rss_bytes=res["resident"]["peak_rss_bytes"],
-                   generated_tokens=m["generated_tokens"], token_ids=ids)
+                   generated_tokens=m["generated_tokens"], token_ids=ids, draft_tokens=acc.get("proposed_tokens"),
+                   draft_accepted_tokens=acc.get("accepted_tokens"))
     else:
         res = json.loads((folder / "result.json").read_text())
         row.update(gen_tok_s=res["gen_tok_s"], decode_tok_s=res["decode_tok_s"], ttft_s=res["ttft_s"],
                    startup_load_s=res["startup_s"] + res["load_s"], peak_rss_bytes=res["peak_rss_bytes"],
-                   generated_tokens=res["generated_tokens"], token_ids=res["token_ids"])
+                   generated_tokens=res["generated_tokens"], token_ids=res["token_ids"],
+                   draft_tokens=res.get("draft_tokens") or None, draft_accepted_tokens=res.get("draft_accepted_tokens"))
+    if row["draft_tokens"]:
+        row["accepted_fraction"] = row["draft_accepted_tokens"] / row["draft_tokens"]
     if row["generated_tokens"] != setup["asked_tokens"]:
         row["status"] = f"wrong length ({row['generated_tokens']} tokens, {setup['asked_tokens']} asked)"
         return row
@@ -242,17 +278,24 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
                      "x": fmt(ratio_of_medians(e["e2e_tok_s"], base and base["e2e_tok_s"])),
                      "xg": fmt(ratio_of_medians(e["gen_tok_s"], base and base["gen_tok_s"])),
                      "load": fmt_spread(e["startup_load_s"], ".1f"),
+                     "acc": fmt(e["accepted_fraction"] and e["accepted_fraction"]["median"]),
                      "same": "-" if t is None else f"{t['identical_seqs']}/{t['seqs']}"
                                                    + (f" (from token {t['first_divergence']})"
                                                       if t["identical_seqs"] < t["seqs"] else "")})
     text = table(rows, [("name", "contender"), ("ok", "runs ok"), ("e2e", "end-to-end tok/s (incl. load)"),
                         ("gen", "generation tok/s (prefill+decode)"), ("dec", "decode-only tok/s"),
                         ("ttft", "TTFT s"), ("load", "start+load s"), ("rss", "peak RSS GiB"), ("grp", "group peak GiB"),
-                        ("x", "e2e / accelerate"),
-                        ("xg", "gen / accelerate"), ("same", "same tokens")])
+                        ("x", "e2e / accelerate"), ("xg", "gen / accelerate"), ("acc", "drafts accepted"),
+                        ("same", "same tokens")])
     reference = next(iter(s.values()))["tokens_vs"]
+    a = setup["acceptance"]
+    target = setup["target"]
+    target_bytes = setup["plans"]["specplan-best"].model.spec.weight_bytes(setup["dtype"])
     lines = [f"{args.prompts} prompts x {args.tokens} new tokens (fixed length, EOS ignored), greedy, "
              f"{setup['dtype']}, memory limit {limit / GIB:g} GiB for every run; {METHOD}",
+             f"target {target.name} ({human_bytes(target_bytes)} of weights in {setup['dtype']}); the draft accepted "
+             f"{a.accepted_tokens} of {a.proposed_tokens} proposals on the held-out prompts (per token "
+             f"{a.per_token_acceptance_mle:.3f}, the figure specplan's search used)",
              f"medians (min..max) of {args.repeat} runs each, every run a fresh process, interleaved; tokens "
              f"compared with {reference}'s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", text]
     print("\n".join(lines))
@@ -263,6 +306,8 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "limit_bytes": limit, "method": METHOD,
         "prompts": args.prompts, "tokens": args.tokens, "repeat": args.repeat, "dtype": setup["dtype"],
         "vram_gib": args.vram, "profile": setup["profile"], "calibration": setup["calibration"],
+        "target": str(target), "target_weight_bytes": target_bytes, "noise": args.noise,
+        "experts": args.experts, "draft_acceptance": a.model_dump(),
         "command": " ".join(["python", *sys.argv]), "contenders": s, "table": text})
     chart(s, names, Path(args.png), lines[0])
 

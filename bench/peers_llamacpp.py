@@ -1,10 +1,12 @@
 """llama.cpp as a contender of ``bench/peers.py``: the set-up (built once, the model converted once) and one run.
 
-    python bench/peers_llamacpp.py setup --sdist llama_cpp_python-0.3.16.tar.gz --cache DIR --model HF_DIR
+    python bench/peers_llamacpp.py setup --sdist llama_cpp_python-0.3.16.tar.gz --cache DIR [--model HF_DIR ...]
+                                     [--outtype f32|bf16]
     python bench/peers_llamacpp.py run --bin DIR --gguf FILE --ids prompts.json --tokens N -o result.json
+                                   [--draft DRAFT.gguf [--draft-max N]]
 
 Set-up: llama.cpp as vendored in the llama-cpp-python sdist from PyPI, built with cmake (``llama-server``) into
-``DIR/build`` and the model converted by llama.cpp's own ``convert_hf_to_gguf.py`` to ``DIR/gguf/<model>-bf16.gguf``;
+``DIR/build`` and each model converted by llama.cpp's own ``convert_hf_to_gguf.py`` to ``DIR/gguf/<model>-<outtype>.gguf``;
 both skipped when there (one line of the vendored converter's tensor mapping is dropped first: ``DUPLICATE``). The
 converter needs ``sentencepiece`` and ``mistral_common`` in the running Python.
 
@@ -13,6 +15,9 @@ prompt's token ids go in at once as ``/completion`` requests, greedy (``temperat
 N with ``ignore_eos``. Writes the same keys as ``peers_hf.py``: start + load (to the server's health), generation
 (the requests' wall time), decode-only from llama.cpp's own timings (the tokens over the longest slot's
 ``predicted_ms``), time to first token (none: the requests do not stream), the server's VmHWM and the token ids.
+With ``--draft``: llama.cpp's own draft-model speculative decoding (``-md``; its defaults: up to 16 tokens drafted,
+a draft stopped where the draft's top probability falls below 0.75), slot by slot, and the drafted and accepted
+token counts from its timings.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ VENDORED = "vendor/llama.cpp/"
 #: the llama-cpp-python release whose vendored llama.cpp is built, and what its converter imports
 SDIST_VERSION = "0.3.16"
 CONVERTER_NEEDS = ("sentencepiece", "mistral_common")
+OUTTYPES = ("f32", "bf16")
 DUPLICATE = '            "model.layers.{bid}.block_sparse_moe.gate",   # smallthinker\n'
 
 
-def setup(sdist: Path, cache: Path, model: Path, log=print) -> tuple[Path, Path]:
-    """(the folder of the built binaries, the bf16 GGUF), building and converting only what is missing."""
+def setup(sdist: Path, cache: Path, models: list[tuple[Path, str]], log=print) -> tuple[Path, list[Path]]:
+    """(the folder of the built binaries, the GGUF of each (HF folder, outtype) of ``models``), building and
+    converting only what is missing."""
     src, build = cache / "src", cache / "build"
     if not (src / "convert_hf_to_gguf.py").exists():
         if not sdist.is_file():  # from the package registry, once
@@ -73,7 +80,13 @@ def setup(sdist: Path, cache: Path, model: Path, log=print) -> tuple[Path, Path]
         step(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", "llama-server"],
              "building llama-server")
         log(f"built llama.cpp in {time.perf_counter() - t:.0f} s")
-    gguf = cache / "gguf" / f"{model.name}-bf16.gguf"
+    return server.parent, [converted(src, cache, m, outtype) for m, outtype in models]
+
+
+def converted(src: Path, cache: Path, model: Path, outtype: str) -> Path:
+    """``model`` (an HF folder) as a GGUF of ``outtype`` (``f32``, ``bf16``) by llama.cpp's own converter in
+    ``src``, converted once."""
+    gguf = cache / "gguf" / f"{model.name}-{outtype}.gguf"
     if not gguf.exists():
         missing = [m for m in CONVERTER_NEEDS if importlib.util.find_spec(m) is None]
         if missing:  # llama.cpp's converter imports them; from the package registry, once
@@ -82,10 +95,10 @@ def setup(sdist: Path, cache: Path, model: Path, log=print) -> tuple[Path, Path]
         gguf.parent.mkdir(parents=True, exist_ok=True)
         tmp = gguf.with_suffix(".tmp")
         step([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(tmp), "--outtype",
-              "bf16"], "converting the model to GGUF (it needs sentencepiece and mistral_common)",
+              outtype], "converting the model to GGUF (it needs sentencepiece and mistral_common)",
              {**os.environ, "PYTHONPATH": str(src / "gguf-py")})
         os.replace(tmp, gguf)
-    return server.parent, gguf
+    return gguf
 
 
 def step(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -107,11 +120,16 @@ def vm_hwm_bytes(pid: int) -> int:
     return 0
 
 
-def run(bin_dir: Path, gguf: Path, prompts: list[list[int]], tokens: int, port: int) -> dict:
+def run(bin_dir: Path, gguf: Path, prompts: list[list[int]], tokens: int, port: int, draft: Path | None = None,
+        draft_max: int | None = None) -> dict:
+    """One run of the server on ``prompts``; with ``draft``: llama.cpp's own draft-model speculative decoding (its
+    defaults but ``draft_max``; the server drafts only for requests that may cache their prompt)."""
     ctx = max(map(len, prompts)) + tokens + 8
+    speculative = [] if draft is None else ["-md", str(draft), "--threads-draft", "2",
+                                            *(("--draft-max", str(draft_max)) if draft_max else ())]
     server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "--parallel",
-                               str(len(prompts)), "-c", str(ctx * len(prompts)), "--threads", "2", "--no-webui"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               str(len(prompts)), "-c", str(ctx * len(prompts)), "--threads", "2", "--no-webui",
+                               *speculative], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         t_load = time.perf_counter()
         while True:
@@ -126,7 +144,7 @@ def run(bin_dir: Path, gguf: Path, prompts: list[list[int]], tokens: int, port: 
             time.sleep(0.1)
         load_s = time.perf_counter() - t_load
         body = lambda p: {"prompt": p, "n_predict": tokens, "ignore_eos": True, "temperature": 0.0,  # noqa: E731
-                          "top_k": 1, "cache_prompt": False, "return_tokens": True}
+                          "top_k": 1, "cache_prompt": draft is not None, "return_tokens": True}
         t_gen = time.perf_counter()
         with ThreadPoolExecutor(len(prompts)) as pool:
             answers = list(pool.map(lambda p: post(f"http://127.0.0.1:{port}/completion", body(p)), prompts))
@@ -142,7 +160,9 @@ def run(bin_dir: Path, gguf: Path, prompts: list[list[int]], tokens: int, port: 
     return {"contender": "llama.cpp server", "dtype": "bfloat16", "batch": len(prompts), "startup_s": t_load - T0,
             "load_s": load_s, "gen_s": gen_s, "ttft_s": None, "decode_tokens": n,
             "decode_tok_s": n / (longest_ms / 1000) if longest_ms > 0 else None, "generated_tokens": total,
-            "gen_tok_s": total / gen_s, "peak_rss_bytes": peak, "token_ids": ids}
+            "gen_tok_s": total / gen_s, "peak_rss_bytes": peak, "token_ids": ids,
+            "draft_tokens": sum(a["timings"].get("draft_n", 0) for a in answers),
+            "draft_accepted_tokens": sum(a["timings"].get("draft_n_accepted", 0) for a in answers)}
 
 
 def main() -> None:
@@ -151,19 +171,24 @@ def main() -> None:
     s = sub.add_parser("setup")
     s.add_argument("--sdist", required=True)
     s.add_argument("--cache", required=True)
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", nargs="*", default=[], help="HF folders to convert to GGUF")
+    s.add_argument("--outtype", default="bf16", choices=OUTTYPES)
     r = sub.add_parser("run")
     r.add_argument("--bin", required=True)
     r.add_argument("--gguf", required=True)
     r.add_argument("--ids", required=True)
     r.add_argument("--tokens", type=int, required=True)
     r.add_argument("--port", type=int, default=18080)
+    r.add_argument("--draft", default=None, help="a draft GGUF: llama.cpp's draft-model speculative decoding")
+    r.add_argument("--draft-max", type=int, default=None)
     r.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
     if args.step == "setup":
-        print(*setup(Path(args.sdist), Path(args.cache), Path(args.model)))
+        bin_dir, ggufs = setup(Path(args.sdist), Path(args.cache), [(Path(m), args.outtype) for m in args.model])
+        print(bin_dir, *ggufs)
         return
-    result = run(Path(args.bin), Path(args.gguf), json.loads(Path(args.ids).read_text()), args.tokens, args.port)
+    result = run(Path(args.bin), Path(args.gguf), json.loads(Path(args.ids).read_text()), args.tokens, args.port,
+                 Path(args.draft) if args.draft else None, args.draft_max)
     tmp = Path(args.output).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, args.output)

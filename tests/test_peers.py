@@ -57,7 +57,8 @@ def test_an_unknown_contender_is_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: --contenders: unknown vllm; use some of accelerate, assisted, "
-                                                "llamacpp-bf16, specplan-nodraft, specplan-best"]
+                                                "llamacpp-f32, llamacpp-bf16, llamacpp-bf16-draft, specplan-nodraft, "
+                                                "specplan-best"]
 
 
 @pytest.fixture
@@ -109,6 +110,6 @@ def test_llama_cpp_set_up_without_the_sdist_or_a_build_is_one_line(tmp_path, mon
     asked = []
     monkeypatch.setattr(peers_llamacpp, "step", lambda cmd, what, env=None: asked.append(cmd))
     with pytest.raises(SpecplanError, match="no llama-cpp-python sdist there") as e:
-        peers_llamacpp.setup(tmp_path / "missing.tar.gz", tmp_path / "cache", tmp_path / "model")
+        peers_llamacpp.setup(tmp_path / "missing.tar.gz", tmp_path / "cache", [(tmp_path / "model", "bf16")])
     assert "\n" not in str(e.value)
     assert asked and asked[0][1:4] == ["-m", "pip", "download"] and str(tmp_path) in asked[0]
