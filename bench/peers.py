@@ -31,7 +31,8 @@ bf16, where llama.cpp's mmap'd file cannot stay in the page cache.
 Throughput figures, all over the tokens asked for (prompts x tokens): end-to-end = the whole process (start,
 imports, load, prefill, decode); generation = prefill + decode after the load; decode-only = after each
 sequence's first new token; time to first token from the start of generation. Peak memory: the process's own
-VmHWM and the group's peak (page cache included). Greedy outputs are compared token for token with the first
+VmHWM and the group's peak (page cache included). specplan's rows add the fraction of decode time its own timeline
+shows the disk reading (``decode_busy_fraction``). Greedy outputs are compared token for token with the first
 contender's that finished. Writes one row per run to ``--csv``, the summary beside it (``peers.json``), a bar chart to
 ``--png``; prints the table.
 """
@@ -61,7 +62,7 @@ LLAMA_GGUFS = {"llamacpp-f32": (("target", "f32"), None), "llamacpp-bf16": (("ta
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 FIGURES = ("e2e_tok_s", "gen_tok_s", "decode_tok_s", "ttft_s", "startup_load_s", "peak_rss_bytes",
-           "group_peak_bytes", "accepted_fraction")
+           "group_peak_bytes", "accepted_fraction", "disk_busy_fraction")
 
 
 def main() -> None:
@@ -210,8 +211,8 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
     row = {"contender": name, "rep": rep, "status": r.status, "returncode": r.returncode, "wall_s": r.wall_s,
            "cold_cache": r.cold_cache, "group_peak_bytes": r.group_peak_bytes, "e2e_tok_s": None, "gen_tok_s": None,
            "decode_tok_s": None, "ttft_s": None, "startup_load_s": None, "accepted_fraction": None,
-           "peak_rss_bytes": None, "generated_tokens": None, "token_ids": None, "draft_tokens": None, "draft_accepted_tokens": None, "dtype": setup["dtype"],
-           "log": str(r.log)}
+           "peak_rss_bytes": None, "generated_tokens": None, "token_ids": None, "draft_tokens": None,
+           "draft_accepted_tokens": None, "disk_busy_fraction": None, "dtype": setup["dtype"], "log": str(r.log)}
     if r.status != "ok":
         return row
     if name.startswith("specplan"):
@@ -223,7 +224,8 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
         row.update(gen_tok_s=m["e2e_tok_s"], decode_tok_s=m["decode_tok_s"], ttft_s=m["ttft_s"],
                    startup_load_s=r.wall_s - m["total_s"], peak_rss_bytes=res["resident"]["peak_rss_bytes"],
                    generated_tokens=m["generated_tokens"], token_ids=ids, draft_tokens=acc.get("proposed_tokens"),
-                   draft_accepted_tokens=acc.get("accepted_tokens"))
+                   draft_accepted_tokens=acc.get("accepted_tokens"),
+                   disk_busy_fraction=m["decode_busy_fraction"].get("disk_read", 0.0))
     else:
         res = json.loads((folder / "result.json").read_text())
         row.update(gen_tok_s=res["gen_tok_s"], decode_tok_s=res["decode_tok_s"], ttft_s=res["ttft_s"],
@@ -279,6 +281,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
                      "xg": fmt(ratio_of_medians(e["gen_tok_s"], base and base["gen_tok_s"])),
                      "load": fmt_spread(e["startup_load_s"], ".1f"),
                      "acc": fmt(e["accepted_fraction"] and e["accepted_fraction"]["median"]),
+                     "disk": fmt(e["disk_busy_fraction"] and e["disk_busy_fraction"]["median"]),
                      "same": "-" if t is None else f"{t['identical_seqs']}/{t['seqs']}"
                                                    + (f" (from token {t['first_divergence']})"
                                                       if t["identical_seqs"] < t["seqs"] else "")})
@@ -286,7 +289,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
                         ("gen", "generation tok/s (prefill+decode)"), ("dec", "decode-only tok/s"),
                         ("ttft", "TTFT s"), ("load", "start+load s"), ("rss", "peak RSS GiB"), ("grp", "group peak GiB"),
                         ("x", "e2e / accelerate"), ("xg", "gen / accelerate"), ("acc", "drafts accepted"),
-                        ("same", "same tokens")])
+                        ("disk", "disk busy in decode"), ("same", "same tokens")])
     reference = next(iter(s.values()))["tokens_vs"]
     a = setup["acceptance"]
     target = setup["target"]
