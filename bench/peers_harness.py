@@ -134,16 +134,18 @@ def ratio_of_medians(a: dict | None, b: dict | None) -> float | None:
 
 def compare_tokens(reference: list[list[int]], other: list[list[int]]) -> dict:
     """Greedy outputs token for token: how many sequences are identical, and for the others the first position
-    where they part (the sequences in the same order, the same prompts)."""
+    where they part (the sequences in the same order, the same prompts). A sequence that came back shorter (a
+    contender that sent fewer tokens than asked) is compared over its own length."""
     if len(reference) != len(other):
         return {"identical_seqs": 0, "seqs": max(len(reference), len(other)), "first_divergence": None,
                 "note": f"{len(other)} sequences against {len(reference)}"}
     same, first = 0, None
     for r, o in zip(reference, other):
-        if r == o:
+        n = min(len(r), len(o))
+        if r[:n] == o[:n]:
             same += 1
             continue
-        at = next((i for i, (x, y) in enumerate(zip(r, o)) if x != y), min(len(r), len(o)))
+        at = next(i for i, (x, y) in enumerate(zip(r, o)) if x != y)
         first = at if first is None else min(first, at)
     return {"identical_seqs": same, "seqs": len(reference), "first_divergence": first}
 

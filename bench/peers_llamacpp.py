@@ -17,7 +17,9 @@ N with ``ignore_eos``. Writes the same keys as ``peers_hf.py``: start + load (to
 ``predicted_ms``), time to first token (none: the requests do not stream), the server's VmHWM and the token ids.
 With ``--draft``: llama.cpp's own draft-model speculative decoding (``-md``; its defaults: up to 16 tokens drafted,
 a draft stopped where the draft's top probability falls below 0.75), slot by slot, and the drafted and accepted
-token counts from its timings.
+token counts from its timings. Its speculative path counts a whole accepted block as generated and stops sending
+mid-block at ``n_predict``, so a sequence can come back a few tokens short while its own count says ``n_predict``:
+``generated_tokens`` is what came back, ``decode_tokens`` llama.cpp's count.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ VENDORED = "vendor/llama.cpp/"
 SDIST_VERSION = "0.3.16"
 CONVERTER_NEEDS = ("sentencepiece", "mistral_common")
 OUTTYPES = ("f32", "bf16")
+DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 DUPLICATE = '            "model.layers.{bid}.block_sparse_moe.gate",   # smallthinker\n'
 
 
@@ -99,6 +102,14 @@ def converted(src: Path, cache: Path, model: Path, outtype: str) -> Path:
              {**os.environ, "PYTHONPATH": str(src / "gguf-py")})
         os.replace(tmp, gguf)
     return gguf
+
+
+def outtype_of(gguf: Path) -> str:
+    """The outtype in the name ``converted`` gives a GGUF."""
+    outtype = gguf.stem.rsplit("-", 1)[-1]
+    if outtype not in OUTTYPES:
+        raise SpecplanError(f"{gguf}: not a GGUF this set-up converted (<model>-<{'|'.join(OUTTYPES)}>.gguf)")
+    return outtype
 
 
 def step(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -157,7 +168,7 @@ def run(bin_dir: Path, gguf: Path, prompts: list[list[int]], tokens: int, port: 
     n = sum(a["timings"]["predicted_n"] for a in answers)
     longest_ms = max(a["timings"]["predicted_ms"] for a in answers)
     total = sum(map(len, ids))
-    return {"contender": "llama.cpp server", "dtype": "bfloat16", "batch": len(prompts), "startup_s": t_load - T0,
+    return {"contender": "llama.cpp server", "dtype": DTYPES[outtype_of(gguf)], "batch": len(prompts), "startup_s": t_load - T0,
             "load_s": load_s, "gen_s": gen_s, "ttft_s": None, "decode_tokens": n,
             "decode_tok_s": n / (longest_ms / 1000) if longest_ms > 0 else None, "generated_tokens": total,
             "gen_tok_s": total / gen_s, "peak_rss_bytes": peak, "token_ids": ids,

@@ -35,7 +35,8 @@ def test_tokens_compared_sequence_by_sequence_with_the_first_divergence():
     assert h.compare_tokens(ref, [list(r) for r in ref]) == {"identical_seqs": 3, "seqs": 3, "first_divergence": None}
     got = h.compare_tokens(ref, [[1, 2, 3, 4], [5, 6, 0, 8], [9, 0, 9, 9]])
     assert got == {"identical_seqs": 1, "seqs": 3, "first_divergence": 1}
-    assert h.compare_tokens(ref, [[1, 2, 3], *ref[1:]])["first_divergence"] == 3  # shorter: parts at its end
+    assert h.compare_tokens(ref, [[1, 2, 3], *ref[1:]])["identical_seqs"] == 3  # shorter: over its own length
+    assert h.compare_tokens(ref, [[1, 2, 0], *ref[1:]])["first_divergence"] == 2
     assert h.compare_tokens(ref, ref[:2])["identical_seqs"] == 0
 
 
