@@ -52,3 +52,14 @@ def demo_bench(out: Path, profile: str | None, **build) -> DemoBench:
     files = [write_atomic(out / f"{name}.txt", "\n".join(t) + "\n") for name, t in (("held_out", held_out),
                                                                                     ("workload", workload))]
     return DemoBench(demo.target, demo.draft, profile, *files, longest_prompt(demo.target, texts), len(held_out))
+
+
+def run_or_exit(run, args) -> None:
+    """``run(args)``, a ``SpecplanError`` printed as its one line with its exit code (2), never a traceback."""
+    from specplan.errors import SpecplanError
+
+    try:
+        run(args)
+    except SpecplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -18,12 +18,9 @@ load of the machine does not change it.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from demo_setup import demo_bench
-
-from specplan.errors import SpecplanError
+from demo_setup import demo_bench, run_or_exit
 
 
 def main() -> None:
@@ -39,12 +36,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile [default: this machine's newest measured one]")
     ap.add_argument("--csv", default="bench/results/noise_acceptance.csv")
     ap.add_argument("--out", default="results/bench-noise")
-    args = ap.parse_args()
-    try:
-        run(args)
-    except SpecplanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, ap.parse_args())
 
 
 def run(args) -> None:
@@ -63,7 +55,7 @@ def run(args) -> None:
         search_step(model=str(bench.target), vram=args.vram, profile_arg=bench.profile, prompt_len=bench.prompt_len,
                     gen_len=32, drafts=(str(bench.draft),), num_prompts=bench.held_out_count, draft_len=g,
                     output=out / "plan.json")
-        report, others = run_fresh(out / "plan.json", bench.held_out, None, out / "run")
+        report, _ = run_fresh(out / "plan.json", bench.held_out, None, out / "run")
         acc = json.loads((out / "run" / "calibration.json").read_text())["acceptance"][0]
         first = json.loads((out / "run" / "outputs.jsonl").read_text().splitlines()[0])
         row = {"noise": noise, "experts": args.experts, "target": bench.target.name, "draft": acc["draft"],

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import peers_llamacpp
+from demo_setup import run_or_exit
 from peers_harness import (METHOD, Run, compare_tokens, fmt, fmt_spread, make_group, ratio_of_medians,
                            remove_group, run_in_group, spread, table)
 
@@ -91,12 +92,7 @@ def main() -> None:
     ap.add_argument("--csv", default="bench/results/peers.csv")
     ap.add_argument("--png", default="bench/results/peers.png")
     ap.add_argument("--out", default="results/bench-peers")
-    args = ap.parse_args()
-    try:
-        run(args)
-    except SpecplanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, ap.parse_args())
 
 
 def run(args) -> None:
