@@ -132,7 +132,7 @@ def prepare(args, names: list[str]) -> dict:
     from specplan.engine.build.models import build_demo
     from specplan.engine.model.checkpoint import open_checkpoint
     from specplan.jsonio import load, write_atomic, write_json
-    from specplan.validation.demo import CALIBRATION_PROMPTS, longest_prompt, search_step
+    from specplan.validation.demo import CALIBRATION_DRAFT_LEN, CALIBRATION_PROMPTS, longest_prompt, search_step
     from specplan.validation.runs import encode_prompts, read_prompts
     from specplan.validation.trials import run_fresh
 
@@ -159,7 +159,7 @@ def prepare(args, names: list[str]) -> dict:
     calibration = args.calibration
     if calibration is None:  # the draft's acceptance on the held-out prompts, as the demo measures it
         search_step(**common, drafts=(str(demo.draft),), num_prompts=len(held_out), top=1,
-                    output=out / "calibration" / "plan.json")
+                    output=out / "calibration" / "plan.json", draft_len=CALIBRATION_DRAFT_LEN)
         run_fresh(out / "calibration" / "plan.json", files["held_out"], None, out / "calibration" / "run")
         calibration = str(out / "calibration" / "run" / "calibration.json")
     search_step(**common, drafts=("none", str(demo.draft)), calibration=calibration, num_prompts=args.prompts,

@@ -147,6 +147,36 @@ def test_per_layer_overhead_is_the_gaps_inside_passes_without_transfers():
     assert "per_step_s" not in figs  # passes back to back: no gap between them to measure
 
 
+def test_a_gap_inside_the_targets_pass_is_per_layer_not_the_drafts_per_step():
+    """Two speculative rounds: draft passes after each of the target's first two passes. The draft stream's gap
+    from one round to the next spans the target's pass, whose per-layer gaps count once, as per-layer, never as the
+    draft's per-pass overhead."""
+    plan = disk_plan()
+    target = timeline(plan, layer_gap_s=3e-4, passes=3)
+    cuts = [i for i, e in enumerate(target.events) if e.name == "embed"] + [len(target.events)]
+    step_gap, room = 1e-4, 1e-2  # the draft's own gap between its passes; the time left for its 3 passes of 3 ms
+    events, t = [], 0.0
+    for k in range(3):
+        events += [e.model_copy(update={"start_s": e.start_s + k * room, "end_s": e.end_s + k * room})
+                   for e in target.events[cuts[k]:cuts[k + 1]]]
+        if k == 2:
+            break
+        t = events[-1].end_s
+        for d in range(3):
+            t += step_gap if d else 0.0
+            for name in ("embed", "L0.mlp", "lm_head"):
+                events.append(Event(resource="device_compute", name=f"draft.{name}", start_s=t, end_s=t + 1e-3,
+                                    batch=0, layer=0 if name == "L0.mlp" else None))
+                t += 1e-3
+    meta = dict(target.meta, phases=[{"phase": "decode", "batch": None, "start_s": 0.0,
+                                      "end_s": max(e.end_s for e in events)}])
+    figs = {f.figure: f for f in observed_figures(plan, Timeline(source="measured", meta=meta, events=events),
+                                                  "float32")}
+    assert figs["per_layer_s"].observed_s == pytest.approx(3 * plan.model.spec.num_layers * 3e-4)
+    # per round: the draft's two gaps and the one before the target's next pass; nothing from inside a pass
+    assert figs["per_step_s"].observed_s == pytest.approx(2 * (2 * step_gap + (room - 9e-3 - 2 * step_gap)))
+
+
 def test_threshold_is_symmetric():
     up, down = 1 + DRIFT_THRESHOLD, 1 / (1 + DRIFT_THRESHOLD)
     assert not drifted(up * 0.999) and not drifted(down * 1.001)

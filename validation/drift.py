@@ -231,7 +231,8 @@ def passes(timeline: Timeline) -> dict[tuple[bool, int | None], list[list[Event]
 
 def overhead_figures(plan: Plan, timeline: Timeline) -> list[Figure]:
     """Over the passes inside the decode phases: per layer, the gaps inside the passes (no transfer running) over
-    their layers; per pass, the gaps between passes (no compute, no transfer running) over the passes."""
+    their layers; per pass, the gaps between a stream's passes (no compute, no transfer and no other stream's pass
+    running: a gap inside another stream's pass is that pass's per-layer gap, counted once) over the passes."""
     oh = plan.profile.overheads
     transfers = [(e.start_s, e.end_s) for e in timeline.events if e.resource in TRANSFERS]
     compute = [(e.start_s, e.end_s) for e in timeline.events if e.resource in ("device_compute", "host_compute")]
@@ -239,10 +240,12 @@ def overhead_figures(plan: Plan, timeline: Timeline) -> list[Figure]:
     layer = Figure("overheads", "per_layer_s", "s")
     step = Figure("overheads", "per_step_s", "s")
     between: list[tuple[float, float]] = []
+    inside: list[tuple[float, float]] = []
     for stream in passes(timeline).values():
         stream = [p for p in stream if _inside(p[0], windows) and _inside(p[-1], windows)]
         extents = [(p[0].start_s, max(e.end_s for e in p)) for p in stream]
         spans = [(e.start_s, e.end_s) for p in stream for e in p]
+        inside += extents
         layer.observed_s += _without(extents, spans + transfers)
         for p in stream:
             layers = len({e.layer for e in p if e.layer is not None})
@@ -254,7 +257,7 @@ def overhead_figures(plan: Plan, timeline: Timeline) -> list[Figure]:
         step.work += len(stream)
         step.profile_s += len(stream) * oh.per_step_s
         step.events += len(stream)
-    step.observed_s = _without(between, compute + transfers)
+    step.observed_s = _without(between, compute + transfers + inside)
     return [f for f in (layer, step) if f.work > 0 and f.observed_s > 0 and f.profile_s > 0]
 
 
