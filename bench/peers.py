@@ -11,13 +11,15 @@ prompts (the bundled ones after the demo's held-out calibration prompts, or ``--
 template, the same token ids for every contender), the same number of new tokens (fixed length, EOS ignored),
 greedy, the same precision (the dtype of specplan's plans: the planner's choice for this machine's profile), and
 one memory limit for all (``peers_harness.METHOD``: a cgroup v1 group, page cache included; cold cache before every
-run). Each run is a fresh process; the contenders interleave (A B C D A B C D ...), ``--repeat`` times.
+run). Each run is a fresh process; the contenders interleave, the order rotated each repetition (A B C, B C A, C A B:
+``validation.trials.rotated``), ``--repeat`` times.
 
 Contenders: ``accelerate`` (transformers ``device_map="auto"``, ``max_memory`` = ``--vram`` GiB of CPU memory,
 ``offload_folder``: the rest on disk; all prompts in one left-padded batch), ``assisted`` (the same with
 ``assistant_model`` = the demo draft; one prompt at a time, as transformers runs it), ``specplan-nodraft`` (the best
-plan without a draft at a resident budget of ``--vram`` GiB) and ``specplan-best`` (the planner's choice with the
-draft and its measured acceptance), each as ``specplan run --fixed-length``, and ``llamacpp-f32`` /
+plan without a draft at a resident budget of ``--vram`` GiB), ``specplan-draft`` (the best plan with the draft, at its
+measured acceptance) and ``specplan-best`` (the planner's choice between no draft and the draft: one of the other
+two, so measuring them says whether it chose the faster), each as ``specplan run --fixed-length``, and ``llamacpp-f32`` /
 ``llamacpp-bf16`` (``peers_llamacpp``: llama.cpp vendored in the llama-cpp-python sdist, built once, the model
 converted to an f32 / bf16 GGUF by llama.cpp's own converter, ``llama-server`` with one parallel slot per prompt and
 its mmap loading) and ``llamacpp-bf16-draft`` (the same with llama.cpp's own draft-model speculative decoding, the
@@ -54,16 +56,19 @@ from peers_harness import (METHOD, Run, compare_tokens, fmt, fmt_spread, make_gr
 
 from specplan.errors import SpecplanError
 from specplan.fmt import human_bytes
+from specplan.validation.trials import rotated
 
 CONTENDERS = ("accelerate", "assisted", "llamacpp-f32", "llamacpp-bf16", "llamacpp-bf16-draft", "specplan-nodraft",
-              "specplan-best")
+              "specplan-draft", "specplan-best")
+#: specplan's plans: the drafts each one's search may choose ("draft": the demo draft)
+SPECPLAN_DRAFTS = {"specplan-nodraft": ("none",), "specplan-draft": ("draft",), "specplan-best": ("none", "draft")}
 #: the GGUFs each llama.cpp contender runs: (its model, its draft or None), as (demo model, outtype)
 LLAMA_GGUFS = {"llamacpp-f32": (("target", "f32"), None), "llamacpp-bf16": (("target", "bf16"), None),
                "llamacpp-bf16-draft": (("target", "bf16"), ("draft", "bf16"))}
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 FIGURES = ("e2e_tok_s", "gen_tok_s", "decode_tok_s", "ttft_s", "startup_load_s", "peak_rss_bytes",
-           "group_peak_bytes", "accepted_fraction", "disk_busy_fraction", "delivered_fraction")
+           "group_peak_bytes", "accepted_fraction", "disk_busy_fraction", "delivered_fraction", "predicted_gen_tok_s")
 
 
 def main() -> None:
@@ -108,7 +113,7 @@ def run(args) -> None:
         commands = {n: contender_command(n, setup, args) for n in names}
         runs = []
         for rep in range(1, args.repeat + 1):
-            for name in names:
+            for name in rotated(names, rep):
                 folder = setup["out"] / name / f"rep{rep}"
                 r = run_in_group(commands[name](folder), group, folder / "run.log", args.trial_timeout,
                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -162,11 +167,12 @@ def prepare(args, names: list[str]) -> dict:
                     output=out / "calibration" / "plan.json", draft_len=CALIBRATION_DRAFT_LEN)
         run_fresh(out / "calibration" / "plan.json", files["held_out"], None, out / "calibration" / "run")
         calibration = str(out / "calibration" / "run" / "calibration.json")
-    search_step(**common, drafts=("none", str(demo.draft)), calibration=calibration, num_prompts=args.prompts,
-                output=out / "specplan-best" / "plan.json")
-    search_step(**common, drafts=("none",), num_prompts=args.prompts, top=1,
-                output=out / "specplan-nodraft" / "plan.json")
-    plans = {n: load(Plan, out / n / "plan.json") for n in ("specplan-best", "specplan-nodraft")}
+    mine = [n for n in SPECPLAN_DRAFTS if n in names or n == "specplan-best"]  # best: the dtype every contender runs
+    for name in mine:
+        drafts = tuple(str(demo.draft) if d == "draft" else d for d in SPECPLAN_DRAFTS[name])
+        search_step(**common, drafts=drafts, calibration=calibration if "draft" in SPECPLAN_DRAFTS[name] else None,
+                    num_prompts=args.prompts, top=1, output=out / name / "plan.json")
+    plans = {n: load(Plan, out / n / "plan.json") for n in mine}
     sdist = (Path(args.llama_sdist) if args.llama_sdist else
              user_dir() / "llama.cpp" / f"llama_cpp_python-{peers_llamacpp.SDIST_VERSION}.tar.gz")
     wanted = sorted({g for n in names if n in LLAMA_GGUFS for g in LLAMA_GGUFS[n] if g is not None})
@@ -208,7 +214,8 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
            "cold_cache": r.cold_cache, "group_peak_bytes": r.group_peak_bytes, "e2e_tok_s": None, "gen_tok_s": None,
            "decode_tok_s": None, "ttft_s": None, "startup_load_s": None, "accepted_fraction": None,
            "peak_rss_bytes": None, "generated_tokens": None, "token_ids": None, "draft_tokens": None,
-           "draft_accepted_tokens": None, "disk_busy_fraction": None, "delivered_fraction": None, "dtype": setup["dtype"],
+           "draft_accepted_tokens": None, "disk_busy_fraction": None, "delivered_fraction": None, "predicted_gen_tok_s": None,
+           "dtype": setup["dtype"],
            "log": str(r.log)}
     if r.status != "ok":
         return row
@@ -222,7 +229,8 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
                    startup_load_s=r.wall_s - m["total_s"], peak_rss_bytes=res["resident"]["peak_rss_bytes"],
                    generated_tokens=m["generated_tokens"], token_ids=ids, draft_tokens=acc.get("proposed_tokens"),
                    draft_accepted_tokens=acc.get("accepted_tokens"),
-                   disk_busy_fraction=m["decode_busy_fraction"].get("disk_read", 0.0))
+                   disk_busy_fraction=m["decode_busy_fraction"].get("disk_read", 0.0),
+                   predicted_gen_tok_s=res["predicted"]["e2e_tok_s"])  # the planner's, for the workload measured
     else:
         res = json.loads((folder / "result.json").read_text())
         row.update(gen_tok_s=res["gen_tok_s"], decode_tok_s=res["decode_tok_s"], ttft_s=res["ttft_s"],
@@ -284,11 +292,13 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
                      "acc": fmt(e["accepted_fraction"] and e["accepted_fraction"]["median"]),
                      "disk": fmt(e["disk_busy_fraction"] and e["disk_busy_fraction"]["median"]),
                      "sent": fmt(e["delivered_fraction"] and e["delivered_fraction"]["min"]),
+                     "pred": fmt(e["predicted_gen_tok_s"] and e["predicted_gen_tok_s"]["median"]),
                      "same": "-" if t is None else f"{t['identical_seqs']}/{t['seqs']}"
                                                    + (f" (from token {t['first_divergence']})"
                                                       if t["identical_seqs"] < t["seqs"] else "")})
     text = table(rows, [("name", "contender"), ("ok", "runs ok"), ("e2e", "end-to-end tok/s (incl. load)"),
-                        ("gen", "generation tok/s (prefill+decode)"), ("dec", "decode-only tok/s"),
+                        ("gen", "generation tok/s (prefill+decode)"), ("pred", "generation predicted"),
+                        ("dec", "decode-only tok/s"),
                         ("ttft", "TTFT s"), ("load", "start+load s"), ("rss", "peak RSS GiB"), ("grp", "group peak GiB"),
                         ("x", "e2e / accelerate"), ("xg", "gen / accelerate"), ("acc", "drafts accepted"),
                         ("disk", "disk busy in decode"), ("sent", "tokens sent / asked (min)"),
@@ -303,7 +313,8 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
              f"{a.accepted_tokens} of {a.proposed_tokens} proposals on the held-out prompts (per token "
              f"{a.per_token_acceptance_mle:.3f}, the figure specplan's search used)",
              f"medians (min..max) of {args.repeat} runs each, every run a fresh process, interleaved; tokens "
-             f"compared with {reference}'s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", text]
+             f"compared with {reference}'s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", text,
+             *regret_lines(s, setup["plans"])]
     print("\n".join(lines))
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(args.csv), pd.DataFrame([{k: v for k, v in r.items() if k != "token_ids"}
@@ -316,6 +327,19 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
         "experts": args.experts, "draft_acceptance": a.model_dump(),
         "command": " ".join(["python", *sys.argv]), "contenders": s, "table": text})
     chart(s, names, Path(args.png), lines[0])
+
+
+def regret_lines(s: dict, plans: dict) -> list[str]:
+    """Whether the planner chose the fastest of specplan's measured plans: its regret on generation throughput."""
+    measured = {n: s[n]["gen_tok_s"]["median"] for n in SPECPLAN_DRAFTS if n in s and s[n]["gen_tok_s"]}
+    if "specplan-best" not in measured or len(measured) < 2:
+        return []
+    fastest = max(measured, key=measured.get)
+    pol = plans["specplan-best"].policy
+    chose = f"draft length {pol.draft_len}" if pol.draft_len else "no draft"
+    return [f"planner's choice (specplan-best, {chose}, {pol.num_batches} x {pol.decode_batch}): "
+            f"{measured['specplan-best']:.2f} tok/s generation; fastest of specplan's measured plans: {fastest} "
+            f"{measured[fastest]:.2f}; regret {measured[fastest] / measured['specplan-best']:.2f}"]
 
 
 def chart(s: dict, names: list[str], path: Path, title: str) -> None:

@@ -19,6 +19,7 @@ from specplan.errors import SpecplanError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import peers  # noqa: E402
 import peers_harness as h  # noqa: E402
 
 
@@ -53,13 +54,28 @@ def test_the_group_is_made_on_a_controller_tree_and_refused_in_one_line_without_
     assert h.oom_kills(group) == 2 and h.oom_kills(tmp_path) is None
 
 
+def test_the_planners_regret_is_the_fastest_specplan_plan_over_its_choice():
+    from types import SimpleNamespace
+
+    def gen(x):
+        return {"gen_tok_s": {"median": x}}
+
+    plans = {"specplan-best": SimpleNamespace(policy=SimpleNamespace(draft_len=6, num_batches=1, decode_batch=8))}
+    s = {"accelerate": gen(50.0), "specplan-nodraft": gen(26.2), "specplan-draft": gen(16.9), "specplan-best": gen(16.9)}
+    (line,) = peers.regret_lines(s, plans)
+    assert "draft length 6, 1 x 8" in line and "specplan-nodraft 26.20" in line and line.endswith("regret 1.55")
+    s["specplan-nodraft"] = gen(10.0)  # the choice was the fastest: regret 1, whatever accelerate ran at
+    assert peers.regret_lines(s, plans)[0].endswith("regret 1.00")
+    assert peers.regret_lines({"specplan-best": gen(16.9)}, plans) == []  # nothing to compare it with
+
+
 def test_an_unknown_contender_is_one_line_and_exit_2():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--contenders", "accelerate,vllm"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: --contenders: unknown vllm; use some of accelerate, assisted, "
                                                 "llamacpp-f32, llamacpp-bf16, llamacpp-bf16-draft, specplan-nodraft, "
-                                                "specplan-best"]
+                                                "specplan-draft, specplan-best"]
 
 
 @pytest.fixture

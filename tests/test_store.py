@@ -226,3 +226,39 @@ def test_model_architecture_must_match_the_plan(reference, tiny_model):
     plan = make_plan(ckpt.spec, Placement.uniform(ckpt.spec, "device"))
     with pytest.raises(SpecplanError, match="differs from the plan's model"):
         run_plan(plan, other, PROMPTS, NEW)
+
+
+def test_an_idle_expert_reader_is_waited_for_until_its_first_read_begins(monkeypatch):
+    """Compute waits (freeing its core) until an idle reader has begun, and only then: a read queued behind another
+    has no start to wait for."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from specplan.engine.io import prefetch
+
+    release = threading.Event()
+    began: list[float] = []
+
+    def slow_fill(buf, unit, *args):
+        began.append(time.perf_counter())
+        release.wait(5)
+        return {}
+
+    monkeypatch.setattr(prefetch, "fill", slow_fill)
+    reader = prefetch.ExpertReader([SimpleNamespace(views={}) for _ in range(3)], None, torch.float32, {}, None)
+    reader.start()
+    try:
+        slot, fut, started = reader.submit("unit", None)
+        assert started is not None
+        queued = reader.submit("unit", None)
+        assert queued[2] is None  # the reader is busy: this read starts when the first one ends
+        reader.wait_started(started)
+        assert started.is_set() and len(began) == 1
+        release.set()
+        for s, f in ((slot, fut), queued[:2]):
+            reader.release(s, f)
+        assert reader.submit("unit", None)[2] is not None  # idle again
+    finally:
+        release.set()
+        reader.close()

@@ -157,6 +157,14 @@ def test_the_demo_compares_medians_of_interleaved_trials(tmp_path):
     assert "end-to-end: measured 1.50x" in lines[3] and "predicted 1.00x" in lines[3]
 
 
+def test_each_repetition_rotates_the_order_so_no_contender_always_follows_the_same_one():
+    from specplan.validation.trials import rotated
+
+    orders = [rotated(["a", "b", "c"], rep) for rep in (1, 2, 3, 4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert {o[0] for o in orders[:3]} == {"a", "b", "c"} and rotated([], 2) == []
+
+
 def test_prompts_as_text_or_jsonl(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("one\n\n  two  \n")

@@ -1,5 +1,6 @@
 """Honest comparisons: each contender (a plan file) runs as ``specplan run --fixed-length`` in its own fresh process,
-the contenders interleaved (A B A B A B), ``reps`` times, same prompts; each trial's folder keeps its result files.
+the contenders interleaved, their order rotated each repetition (A B, B A, A B: ``rotated``), ``reps`` times, same
+prompts; each trial's folder keeps its result files.
 
 A plan run after other work in the same process measured slower than run alone (the demo's no-draft plan 14.1-15.7
 tok/s inside the demo, 19.1-19.5 alone), so comparisons run each trial in a process of its own. A trial during which other processes took more than
@@ -84,6 +85,14 @@ def run_fresh(plan_file: Path, prompts_file: Path, num_prompts: int | None, fold
     return json.loads((folder / "result.json").read_text()), others
 
 
+def rotated(items: list, rep: int) -> list:
+    """The order of repetition ``rep`` (from 1): ``items`` rotated by ``rep - 1``, so that over the repetitions each
+    contender runs after a different one (a run after another process's exit measured up to 10% slower here: its
+    writeback, its freed memory) and first in a different repetition."""
+    k = (rep - 1) % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int | None, reps: int = 3,
                gen_len: int | None = None, resume: bool = True, attempts: int = 3,
                say: Callable[[str], None] = print,
@@ -92,7 +101,7 @@ def run_trials(contenders: list[Contender], prompts_file: Path, num_prompts: int
     ``on_trial`` gets the trials so far after each one (to write them)."""
     trials = []
     for rep in range(1, reps + 1):
-        for c in contenders:
+        for c in rotated(contenders, rep):
             folder = rep_folder(c.folder, rep)
             kept = (find_finished(c.plan_file, prompts_file, num_prompts, gen_len, folder, c.synthetic_acceptance)
                     if resume else None)
