@@ -325,7 +325,8 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
         "vram_gib": args.vram, "profile": setup["profile"], "calibration": setup["calibration"],
         "target": str(target), "target_weight_bytes": target_bytes, "noise": args.noise,
         "experts": args.experts, "draft_acceptance": a.model_dump(),
-        "command": " ".join(["python", *sys.argv]), "contenders": s, "table": text})
+        "command": " ".join(["python", *sys.argv]), "contenders": s, "table": text,
+        "planner": regret_lines(s, setup["plans"])})
     chart(s, names, Path(args.png), lines[0])
 
 
