@@ -18,8 +18,8 @@ Contenders: ``accelerate`` (transformers ``device_map="auto"``, ``max_memory`` =
 ``offload_folder``: the rest on disk; all prompts in one left-padded batch), ``assisted`` (the same with
 ``assistant_model`` = the demo draft; one prompt at a time, as transformers runs it), ``specplan-nodraft`` (the best
 plan without a draft at a resident budget of ``--vram`` GiB), ``specplan-draft`` (the best plan with the draft, at its
-measured acceptance) and ``specplan-best`` (the planner's choice between no draft and the draft: one of the other
-two, so measuring them says whether it chose the faster), each as ``specplan run --fixed-length``, and ``llamacpp-f32`` /
+measured acceptance) and ``specplan-best`` (the planner's choice between no draft and the draft: one of the other two,
+so measuring them says whether it chose the faster), each as ``specplan run --fixed-length``, and ``llamacpp-f32`` /
 ``llamacpp-bf16`` (``peers_llamacpp``: llama.cpp vendored in the llama-cpp-python sdist, built once, the model
 converted to an f32 / bf16 GGUF by llama.cpp's own converter, ``llama-server`` with one parallel slot per prompt and
 its mmap loading) and ``llamacpp-bf16-draft`` (the same with llama.cpp's own draft-model speculative decoding, the
@@ -214,9 +214,8 @@ def read_run(name: str, rep: int, r: Run, folder: Path, setup: dict) -> dict:
            "cold_cache": r.cold_cache, "group_peak_bytes": r.group_peak_bytes, "e2e_tok_s": None, "gen_tok_s": None,
            "decode_tok_s": None, "ttft_s": None, "startup_load_s": None, "accepted_fraction": None,
            "peak_rss_bytes": None, "generated_tokens": None, "token_ids": None, "draft_tokens": None,
-           "draft_accepted_tokens": None, "disk_busy_fraction": None, "delivered_fraction": None, "predicted_gen_tok_s": None,
-           "dtype": setup["dtype"],
-           "log": str(r.log)}
+           "draft_accepted_tokens": None, "disk_busy_fraction": None, "delivered_fraction": None,
+           "predicted_gen_tok_s": None, "dtype": setup["dtype"], "log": str(r.log)}
     if r.status != "ok":
         return row
     if name.startswith("specplan"):
