@@ -306,8 +306,10 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
     a = setup["acceptance"]
     target = setup["target"]
     target_bytes = setup["plans"]["specplan-best"].model.spec.weight_bytes(setup["dtype"])
+    others = sorted({f"{r['contender']}: {r['dtype']}" for r in runs if r["dtype"] != setup["dtype"]})
     lines = [f"{args.prompts} prompts x {args.tokens} new tokens (fixed length, EOS ignored), greedy, "
-             f"{setup['dtype']}, memory limit {limit / GIB:g} GiB for every run; {METHOD}",
+             f"{setup['dtype']}" + (f" ({', '.join(others)})" if others else "")
+             + f", memory limit {limit / GIB:g} GiB for every run; {METHOD}",
              f"target {target.name} ({human_bytes(target_bytes)} of weights in {setup['dtype']}); the draft accepted "
              f"{a.accepted_tokens} of {a.proposed_tokens} proposals on the held-out prompts (per token "
              f"{a.per_token_acceptance_mle:.3f}, the figure specplan's search used)",
