@@ -306,6 +306,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
     a = setup["acceptance"]
     target = setup["target"]
     target_bytes = setup["plans"]["specplan-best"].model.spec.weight_bytes(setup["dtype"])
+    planner = regret_lines(s, setup["plans"])
     others = sorted({f"{r['contender']}: {r['dtype']}" for r in runs if r["dtype"] != setup["dtype"]})
     lines = [f"{args.prompts} prompts x {args.tokens} new tokens (fixed length, EOS ignored), greedy, "
              f"{setup['dtype']}" + (f" ({', '.join(others)})" if others else "")
@@ -314,8 +315,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
              f"{a.accepted_tokens} of {a.proposed_tokens} proposals on the held-out prompts (per token "
              f"{a.per_token_acceptance_mle:.3f}, the figure specplan's search used)",
              f"medians (min..max) of {args.repeat} runs each, every run a fresh process, interleaved; tokens "
-             f"compared with {reference}'s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", text,
-             *regret_lines(s, setup["plans"])]
+             f"compared with {reference}'s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", text, *planner]
     print("\n".join(lines))
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(args.csv), pd.DataFrame([{k: v for k, v in r.items() if k != "token_ids"}
@@ -327,7 +327,7 @@ def report(runs: list[dict], names: list[str], setup: dict, args, limit: int) ->
         "target": str(target), "target_weight_bytes": target_bytes, "noise": args.noise,
         "experts": args.experts, "draft_acceptance": a.model_dump(),
         "command": " ".join(["python", *sys.argv]), "contenders": s, "table": text,
-        "planner": regret_lines(s, setup["plans"])})
+        "planner": planner})
     chart(s, names, Path(args.png), lines[0])
 
 

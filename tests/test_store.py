@@ -229,8 +229,8 @@ def test_model_architecture_must_match_the_plan(reference, tiny_model):
 
 
 def test_an_idle_expert_reader_is_waited_for_until_its_first_read_begins(monkeypatch):
-    """Compute waits (freeing its core) until an idle reader has begun, and only then: a read queued behind another
-    has no start to wait for."""
+    """Submitting to an idle reader returns once its read has begun (the caller blocks, freeing its core), and only
+    then: a read queued behind another has no start to wait for."""
     import threading
     import time
     from types import SimpleNamespace
@@ -246,19 +246,21 @@ def test_an_idle_expert_reader_is_waited_for_until_its_first_read_begins(monkeyp
         return {}
 
     monkeypatch.setattr(prefetch, "fill", slow_fill)
+    monkeypatch.setattr(prefetch, "START_WAIT_S", 5.0)  # a start that never came would show as a 5 s submit
     reader = prefetch.ExpertReader([SimpleNamespace(views={}) for _ in range(3)], None, torch.float32, {}, None)
     reader.start()
     try:
-        slot, fut, started = reader.submit("unit", None)
-        assert started is not None
+        t0 = time.perf_counter()
+        first = reader.submit("unit", None)
+        assert len(began) == 1 and time.perf_counter() - t0 < 4  # idle: returned once the read had begun
+        t0 = time.perf_counter()
         queued = reader.submit("unit", None)
-        assert queued[2] is None  # the reader is busy: this read starts when the first one ends
-        reader.wait_started(started)
-        assert started.is_set() and len(began) == 1
+        assert len(began) == 1 and time.perf_counter() - t0 < 1  # busy: queued behind the first, no wait
         release.set()
-        for s, f in ((slot, fut), queued[:2]):
+        for s, f in (first, queued):
             reader.release(s, f)
-        assert reader.submit("unit", None)[2] is not None  # idle again
+        reader.submit("unit", None)
+        assert len(began) == 3  # idle again: waited for this one's start too
     finally:
         release.set()
         reader.close()

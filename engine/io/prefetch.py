@@ -7,7 +7,7 @@
   buffer is free. Compute takes units in the same order (``acquire``) and gives the buffer back (``release``).
 - ``ExpertReader``: on-demand reads of routed experts (known only after the router) on a second thread, into a pool
   of expert buffers, so the read of the next expert overlaps the compute of the previous one. When the thread was
-  idle, compute waits (``wait_started``, at most ``START_WAIT_S``) until it has begun the first read: on a CPU whose
+  idle, ``submit`` waits (at most ``START_WAIT_S``) until it has begun the read: on a CPU whose
   cores all compute, a woken reader otherwise waits 1-3 ms for a core, the disk idle meanwhile (the demo's no-draft
   plan on this 2-core machine: half its layers' first reads started that late, 0.45 s of a 4.3 s decode; waiting
   for the start, under 1%, and the plan decoded 11% faster).
@@ -240,7 +240,7 @@ class Prefetcher:
             self._thread = None
 
 
-#: the longest compute waits for an idle expert reader to begin its first read (``ExpertReader.wait_started``).
+#: the longest ``ExpertReader.submit`` waits for an idle reader to begin the read it was given.
 START_WAIT_S = 0.005
 
 
@@ -260,9 +260,9 @@ class ExpertReader:
         self._free = list(range(len(self.buffers)))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specplan-experts")
 
-    def submit(self, unit: FetchUnit, batch: int | None) -> tuple[int, Future, threading.Event | None]:
-        """Start reading ``unit``; returns (buffer index, future of its tensors, and, when the thread had nothing to
-        do, the event it sets as it begins: ``wait_started``)."""
+    def submit(self, unit: FetchUnit, batch: int | None) -> tuple[int, Future]:
+        """Start reading ``unit``; returns (buffer index, future of its tensors). When the thread had nothing to do,
+        returns once it has begun (at most ``START_WAIT_S``): blocking frees this core for it."""
         if not self._free or self._pool is None:
             raise PrefetchError("no free expert buffer: experts of the previous layer were not released")
         slot = self._free.pop()
@@ -271,7 +271,9 @@ class ExpertReader:
             self._queued += 1
         started = threading.Event() if idle else None
         fut = self._pool.submit(self._read, started, self.buffers[slot], unit, batch)
-        return slot, fut, started
+        if started is not None:
+            started.wait(START_WAIT_S)
+        return slot, fut
 
     def _read(self, started: threading.Event | None, buf: Staging, unit: FetchUnit, batch: int | None):
         if started is not None:
@@ -281,12 +283,6 @@ class ExpertReader:
         finally:
             with self._lock:
                 self._queued -= 1
-
-    @staticmethod
-    def wait_started(started: threading.Event | None) -> None:
-        """Block (freeing this core) until an idle reader has begun its read, at most ``START_WAIT_S``."""
-        if started is not None:
-            started.wait(START_WAIT_S)
 
     def wait(self, slot: int, fut: Future) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()

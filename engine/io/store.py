@@ -193,12 +193,9 @@ class TieredStore:
         return out
 
     def experts(self, i: int, ids: Sequence[int]) -> Mapping[int, Mapping[str, torch.Tensor]]:
-        submitted = {e: self.reader.submit(self.layout.experts[(i, e)], self.recorder.batch)  # type: ignore[union-attr]
-                     for e in ids if (i, e) in self.layout.experts}
-        pending = {e: (slot, fut) for e, (slot, fut, _) in submitted.items()}
+        pending = {e: self.reader.submit(self.layout.experts[(i, e)], self.recorder.batch)  # type: ignore[union-attr]
+                   for e in ids if (i, e) in self.layout.experts}
         self._reads[i] = list(pending.values())
-        if submitted:  # when the reader was idle, let it begin before this thread computes the resident experts
-            self.reader.wait_started(next(iter(submitted.values()))[2])  # type: ignore[union-attr]
 
         def get(e: int) -> Mapping[str, torch.Tensor]:
             if e in pending:
