@@ -7,11 +7,12 @@ search forced to float32; goal: >= 1.7x end-to-end on the disk-bound demo (bytes
 Both plans come from one search each on the same ask (the demo target, SmolLM2 upcycled into a Mixtral-architecture
 MoE, under a resident budget of ``--vram`` GiB, most experts on disk; with SmolLM2 as a draft when ``--acceptance``
 or the demo's calibration gives its acceptance, else without a draft). Each plan runs as ``specplan run
---fixed-length`` in its own fresh process, the two interleaved, ``--repeat`` times after one warm-up each (which
-also writes the plan's offload file in its dtype), same prompts and memory budget. A run during which other
-processes took more than 15% of the CPUs is void and repeated. Prints per plan the median and spread (min..max) of
-the measured end-to-end and decode-only throughput, the prediction's signed error, and the ratio of the medians
-measured in this one benchmark; writes one row per run to ``--csv``; exits 1 if a goal is missed.
+--fixed-length`` in its own fresh process, the two interleaved (the order rotated each repetition), ``--repeat``
+times after one warm-up each (which also writes the plan's offload file in its dtype), same prompts and memory
+budget. A run during which other processes took more than 15% of the CPUs is void and repeated. Prints per plan the
+median and spread (min..max) of the measured end-to-end and decode-only throughput, the prediction's signed error,
+and the ratio of the medians measured in this one benchmark; writes one row per run to ``--csv``; exits 1 if a goal
+is missed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     from specplan.jsonio import load, write_atomic, write_json
     from specplan.planner.asking import make_ask
     from specplan.planner.search import search
-    from specplan.validation.trials import VOID_OTHERS, run_fresh
+    from specplan.validation.trials import VOID_OTHERS, rotated, run_fresh
 
     out = Path(args.out)
     bench = demo_bench(out, args.profile)
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"warm-up {name} ...", flush=True)
         run_fresh(plan, prompts, 2, out / f"warmup-{plan.stem}")
     for rep in range(args.repeat):
-        for name, plan in plans.items():
+        for name, plan in rotated(list(plans.items()), rep + 1):
             for attempt in range(3):
                 report, others = run_fresh(plan, prompts, args.prompts, out / f"{plan.stem}-{rep}")
                 others = others or 0.0
