@@ -56,7 +56,7 @@ def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
     t_flop = 0.0
     if op.kind in ("matmul", "attention") and op.flops:
         m, k, n = op.shape if op.shape else (1, None, None)
-        t_flop = op.flops / unit.matmul_flops(compute_dtype(unit, op.dtype), m, k, n)
+        t_flop = op.flops / unit.matmul_flops(compute_dtype(unit, op.dtype), m, k, n, op.blocked)
     if op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
         # attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
         t_mem = op.bytes / unit.decode_attention_Bps.at(op.bytes / max(op.calls, 1))

@@ -36,6 +36,9 @@ class Op:
     #: matmul shape (m rows, k, n) for the achieved-rate lookup; None for other kinds.
     shape: tuple[float, int, int] | None = None
     dtype: str | None = None
+    #: its weights stay in the CPU kernel's blocked layout (resident, ``engine/model/blocked.py``): rated on the
+    #: profile's blocked curves
+    blocked: bool = False
     #: indices (in the same program, all smaller than this op's) of ops that must finish before this one starts.
     deps: tuple[int, ...] = ()
     #: kernel launches / reads this record stands for (each pays the per-op overhead; a transfer of ``bytes`` is

@@ -217,6 +217,15 @@ def _weight_bytes(c: Costing, p: Pass, kind: str, tier: str) -> float:
     return c.quantised(kind) if p.substitute and c.substituted(tier) else c.sizes[kind]
 
 
+def _blocked(c: Costing, p: Pass, tier: str, head: bool = False) -> bool:
+    """Whether the engine keeps this op's weights blocked (``engine/model/blocked.py``): resident (on a CPU: the
+    device or host tier) at a weight dtype the profile has blocked curves for, not a substitute's low-bit copy,
+    not a head tied to the embedding."""
+    if not (c.shared and tier in ("device", "host") and c.profile.device.blocks(c.weight_dtype)):
+        return False
+    return not (p.substitute and c.substituted(tier)) and not (head and c.spec.tie_word_embeddings)
+
+
 def _weight_dtype(c: Costing, p: Pass, tier: str) -> str:
     """The dtype whose matmul rates a compute op runs at: the substitute's low-bit kernels (``int8`` / ``int4``,
     where the profile measured them) on its copies, else the weight dtype."""
@@ -235,7 +244,8 @@ def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> lis
     compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
                  bytes=n * (_weight_bytes(c, p, "attention", tier) + act), act_bytes=n * act,
                  shape=(rows, s.hidden_size, s.q_dim),
-                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["attn_proj"], group="attention", phase=p.phase,
+                 dtype=_weight_dtype(c, p, tier), blocked=_blocked(c, p, tier), calls=n * CALLS["attn_proj"],
+                 group="attention", phase=p.phase,
                  batch=p.batch,
                  overheads=(("per_layer_s", n),) + _handoff(fetch, n))
     return fetch + [compute]
@@ -282,7 +292,8 @@ def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -
     act = ffn_activation_bytes(rows, s.hidden_size, width, c.act)
     compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params[kind],
                  bytes=n * (_weight_bytes(c, p, kind, tier) + act), act_bytes=n * act, shape=(rows, s.hidden_size, width),
-                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS[kind], group=group, phase=p.phase, batch=p.batch,
+                 dtype=_weight_dtype(c, p, tier), blocked=_blocked(c, p, tier), calls=n * CALLS[kind], group=group,
+                 phase=p.phase, batch=p.batch,
                  overheads=_handoff(fetch, n))
     return fetch + [compute]
 
@@ -304,7 +315,8 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
                  flops=n * 2 * m * c.matmul_params["expert"],
                  bytes=n * (_weight_bytes(c, p, "expert", tier) + act), act_bytes=n * act,
                  shape=(m, s.hidden_size, s.moe_intermediate_size),
-                 dtype=_weight_dtype(c, p, tier), calls=n * CALLS["expert"], prob=prob, overheads=_handoff(fetch, n), **common)
+                 dtype=_weight_dtype(c, p, tier), blocked=_blocked(c, p, tier), calls=n * CALLS["expert"], prob=prob,
+                 overheads=_handoff(fetch, n), **common)
     if not on_host:
         return fetch + [compute]
     # Fiddler style: the expert's tokens go to the host, the result comes back
@@ -329,7 +341,8 @@ def lm_head_ops(c: Costing, k: Knobs, p: Pass, tier: str) -> list[Op]:
     rows = p.logit_rows
     compute = Op("lm_head", "device_compute", "matmul", flops=2 * rows * c.matmul_params["lm_head"],
                  bytes=_weight_bytes(c, p, "lm_head", tier) + c.sizes["final_norm"] + rows * s.vocab_size * 4,
-                 shape=(rows, s.hidden_size, s.vocab_size), dtype=_weight_dtype(c, p, tier), calls=CALLS["lm_head"],
+                 shape=(rows, s.hidden_size, s.vocab_size), dtype=_weight_dtype(c, p, tier),
+                 blocked=_blocked(c, p, tier, head=True), calls=CALLS["lm_head"],
                  group="lm_head", phase=p.phase, batch=p.batch, overheads=(("per_step_s", 1),) + _handoff(fetch))
     return fetch + [compute]
 
@@ -358,16 +371,21 @@ def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = Non
     tag = "draft" if step is None else f"draft{step}"
     common = dict(group="draft", phase=p.phase, batch=p.batch)
     head = 2 * d.tensors.head.params
-    flops = p.rows * (d.matmul_flops_per_token() - head) + p.logit_rows * head
+    head_bytes = d.tensors.head.nbytes(c.weight_dtype)
     act = p.rows * (4 * d.hidden_size + 2 * max(d.intermediate_size, d.moe_intermediate_size)) * c.act
     width = max(d.intermediate_size, d.moe_intermediate_size)
     layer_act = (attention_activation_bytes(p.rows, d.hidden_size, d.q_dim, d.kv_dim, c.act)
                  + ffn_activation_bytes(p.rows, d.hidden_size, width, c.act))
-    ops = [Op(f"{tag}.matmuls", unit[w_tier], "matmul", flops=flops,
-              bytes=c.draft_bytes + act + p.logit_rows * d.vocab_size * 4, act_bytes=d.num_layers * layer_act,
+    # the layers' matmuls folded into one op, the head in its own (blocked or not on its own: a tied head is not)
+    blocked = c.shared and c.profile.device.blocks(c.weight_dtype)
+    ops = [Op(f"{tag}.matmuls", unit[w_tier], "matmul", flops=p.rows * (d.matmul_flops_per_token() - head),
+              bytes=c.draft_bytes - head_bytes + act, act_bytes=d.num_layers * layer_act,
               shape=(p.rows, d.hidden_size, max(d.intermediate_size, d.moe_intermediate_size, 1)),
-              dtype=c.weight_dtype, calls=7 * d.num_layers + 1,
-              overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common)]
+              dtype=c.weight_dtype, blocked=blocked, calls=7 * d.num_layers,
+              overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common),
+           Op(f"{tag}.lm_head", unit[w_tier], "matmul", flops=p.logit_rows * head,
+              bytes=head_bytes + p.logit_rows * d.vocab_size * 4, shape=(p.logit_rows, d.hidden_size, d.vocab_size),
+              dtype=c.weight_dtype, blocked=blocked and not d.tie_word_embeddings, calls=1, **common)]
     kv = c.draft_kv_bytes(p.seqs, p.tokens if p.phase == "prefill" else p.context + p.tokens)
     attention = Op(f"{tag}.attention", unit[kv_tier if not c.shared else "device"], "attention",
                    flops=p.seqs * d.attention_flops_per_token(1) * p.positions, bytes=kv,

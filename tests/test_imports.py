@@ -3,7 +3,7 @@
 Rooms: planner, simulator, engine, validation (top-level folders) and the hall (``specplan/``: contracts, errors,
 fmt, jsonio, catalog, trace, and the command line). validation -> planner, simulator, engine; simulator -> planner;
 every room -> the hall's modules, never its command line (``specplan.commands``, ``specplan.cli``). Inside the engine:
-build -> execute, io, model; execute -> io, model; measure -> io, model; io -> model; model -> nothing. The contracts
+build -> execute, io, model; execute -> io, model; measure -> io, model, execute; io -> model; model -> nothing. The contracts
 import no room and no torch. ``bench/`` scripts import rooms, not command modules.
 """
 
@@ -20,7 +20,7 @@ ROOMS = ("planner", "simulator", "engine", "validation")
 ROOM_ARROWS = {"planner": set(), "simulator": {"planner"}, "engine": set(),
                "validation": {"planner", "simulator", "engine"}}
 #: engine sub-folder -> the engine sub-folders it may import
-ENGINE_ARROWS = {"model": set(), "io": {"model"}, "measure": {"io", "model"}, "execute": {"io", "model"},
+ENGINE_ARROWS = {"model": set(), "io": {"model"}, "measure": {"io", "model", "execute"}, "execute": {"io", "model"},
                  "build": {"model", "execute", "io"}}
 HALL = {"contracts", "errors", "fmt", "jsonio", "catalog", "trace", "profiles"}
 COMMAND_LINE = {"commands", "cli"}

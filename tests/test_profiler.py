@@ -379,3 +379,28 @@ def test_the_streaming_slowdown_is_a_paired_ratio_of_at_least_one(tmp_path):
     calls = []
     s = streaming_slowdown(path, lambda: calls.append(sum(range(2000))), reps=3, min_sample_s=0.01)
     assert 1.0 <= s.min <= s.median <= s.max < 20 and len(calls) > 10
+
+
+def test_fixed_costs_are_timed_on_the_engines_own_traced_forward(monkeypatch):
+    """Slowing the run's recorder (every span of the forward) raises per_layer_s by about its spans' share: the
+    figure is the engine's own traced layer, not a replica of it; blocked curves come only where the engine blocks."""
+    import time
+
+    from specplan.engine.execute.recorder import Recorder
+    from specplan.engine.measure import compute
+    from specplan.engine.measure.overheads import measure_overheads
+
+    before = measure_overheads("cpu", "float32", 3, 0.05)[0]
+    real = Recorder.span
+
+    def slow(self, *a, **k):
+        t = time.perf_counter() + 100e-6
+        while time.perf_counter() < t:
+            pass
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Recorder, "span", slow)
+    after = measure_overheads("cpu", "float32", 3, 0.05)[0]
+    spans = 5  # attn_proj (x2), attention, mlp per layer of the tiny dense model
+    assert after.per_layer_s - before.per_layer_s > 0.7 * spans * 100e-6
+    assert compute.curve_keys(((64, 64),), ["bfloat16"], False) == [("bfloat16", 64, 64, False)]

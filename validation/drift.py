@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from specplan.contracts.hardware import ComputeUnit, HardwareProfile
+from specplan.contracts.hardware import ComputeUnit, HardwareProfile, MatmulCurve
 from specplan.contracts.model import dtype_bytes
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Event, Timeline, merged_busy_s
@@ -53,7 +53,7 @@ class Figure:
     (``profile_s``) against the time they took (``observed_s``)."""
 
     resource: str  # the timeline resource, or "overheads"
-    figure: str  # the profile's figure: a link name, "matmul <dtype> <k>x<n>", "decode_attention_Bps", "per_layer_s"
+    figure: str  # the profile's figure: a link name, ``curve_figure``, "decode_attention_Bps", "per_layer_s"
     unit: str  # "Bps", "flop_per_s" (rates: work per second) or "s" (overheads: seconds per count)
     work: float = 0.0  # bytes, FLOPs, or the count of layers / passes
     observed_s: float = 0.0
@@ -156,12 +156,13 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
                 add(resource, "decode_attention_Bps", "Bps", e.bytes, e, t, (slow - 1) * t)
         elif e.flops > 0 and e.bytes > 0:
             params = e.bytes / item  # the weights the op multiplies by (its bytes are theirs): rows = flops / 2 / params
-            op = shapes.ops.get("draft" if draft else e.name)
-            k, n, op_dtype = (op.k, op.n, op.dtype) if op else (max(1, round(params)), 1, plan.policy.weight_dtype)
-            curve = unit.matmul_curve(compute_dtype(unit, op_dtype), k, n)
+            op = shapes.ops.get(_op_key(e.name, draft))
+            k, n, op_dtype, blocked = ((op.k, op.n, op.dtype, op.blocked) if op
+                                       else (max(1, round(params)), 1, plan.policy.weight_dtype, False))
+            curve = unit.matmul_curve(compute_dtype(unit, op_dtype), k, n, blocked)
             t = e.flops / curve.flops.at(max(1.0, e.flops / (2 * params)))
             rest = op.rest_s_per_flop(unit, prof.overheads.per_op_s) * e.flops if op else 0.0
-            add(resource, f"matmul {curve.dtype} {curve.k}x{curve.n}", "flop_per_s", e.flops, e, t,
+            add(resource, curve_figure(curve), "flop_per_s", e.flops, e, t,
                 rest + (slow - 1) * (t + rest))
     return list(figs.values())
 
@@ -174,6 +175,7 @@ class MatmulOp:
     k: int
     n: int
     dtype: str | None
+    blocked: bool
     act_bytes_per_flop: float
     calls_per_flop: float
 
@@ -196,9 +198,17 @@ def matmul_shapes(plan: Plan) -> RoundShapes:
     out: dict[str, MatmulOp] = {}
     for op in ops:
         if op.kind == "matmul" and op.shape is not None and op.flops > 0:
-            out["draft" if op.group == "draft" else op.name] = MatmulOp(
-                op.shape[1], op.shape[2], op.dtype, op.act_bytes / op.flops, op.calls / op.flops)
+            out[_op_key(op.name, op.group == "draft")] = MatmulOp(
+                op.shape[1], op.shape[2], op.dtype, op.blocked, op.act_bytes / op.flops, op.calls / op.flops)
     return RoundShapes(out, streaming_factor(ops, op_times(ops, plan.profile), plan.profile))
+
+
+def _op_key(name: str, draft: bool) -> str:
+    """The key of a matmul in ``RoundShapes.ops``: the op's name; the draft's (spans ``draft.L3.mlp``, ops
+    ``draft2.matmuls``) fold into ``draft``, but for its head, ``draft.lm_head``."""
+    if not draft:
+        return name
+    return "draft.lm_head" if name.endswith(".lm_head") else "draft"
 
 
 def _inside(e: Event, windows: list[tuple[float, float]]) -> bool:
@@ -283,12 +293,17 @@ def at_observed(profile: HardwareProfile, figures: list[Figure]) -> HardwareProf
                                       "overheads": profile.overheads.model_copy(update=overheads)})
 
 
+def curve_figure(c: MatmulCurve) -> str:
+    """The figure name of a matmul curve: ``matmul <dtype> <k>x<n>`` (`` blocked``: the blocked kernel's)."""
+    return f"matmul {c.dtype} {c.k}x{c.n}{' blocked' if c.blocked else ''}"
+
+
 def _scaled_unit(unit: ComputeUnit, figure: str, speed: float) -> ComputeUnit:
     if figure == "decode_attention_Bps":
         assert unit.decode_attention_Bps is not None
         return unit.model_copy(update={"decode_attention_Bps": unit.decode_attention_Bps.scaled(speed)})
-    matmul = [c.model_copy(update={"flops": c.flops.scaled(speed)}) if figure == f"matmul {c.dtype} {c.k}x{c.n}"
-              else c for c in unit.matmul]
+    matmul = [c.model_copy(update={"flops": c.flops.scaled(speed)}) if figure == curve_figure(c) else c
+              for c in unit.matmul]
     return unit.model_copy(update={"matmul": matmul})
 
 

@@ -28,6 +28,7 @@ from specplan.engine.execute.recorder import Recorder
 from specplan.engine.execute.speculative import DraftModel
 from specplan.engine.execute.substitute import check_substitute, substitute_bytes, substitute_source
 from specplan.engine.io.store import StoreLayout, layout_for, open_store
+from specplan.engine.model.blocked import available
 from specplan.errors import InfeasibleError, SpecplanError
 from specplan.gguf import refuse_gguf_weights
 
@@ -144,15 +145,16 @@ def run_plan(plan: Plan, ckpt, prompts: Sequence[Sequence[int]], max_new_tokens:
     reads = any(u.reads for u in (*layout.schedule, *layout.experts.values()))
     offload = ensure_offload(ckpt, dtype_name, on_convert) if reads else None
     recorder = Recorder()
-    store = open_store(plan, ckpt, layout, offload, recorder, dtype, device)
+    blocked = device.type == "cpu" and plan.profile.device.blocks(dtype_name) and available(dtype_name)
+    store = open_store(plan, ckpt, layout, offload, recorder, dtype, device, blocked)
     kv_devices = [device if lp.kv_cache == "device" else torch.device("cpu") for lp in plan.placement.layers]
     draft = None
     if dckpt is not None:
         from specplan.engine.model.forward import MemorySource
 
         on = {tier: device if tier == "device" else torch.device("cpu") for tier in ("device", "host")}
-        draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights]),
-                           recorder)
+        draft = DraftModel(dckpt.spec, MemorySource.from_checkpoint(dckpt, dtype, on[plan.placement.draft_weights],
+                                                                    blocked), recorder)
     if substitute:
         try:
             src, sub_held = substitute_source(plan, ckpt, layout, store.resident, dtype, on_convert)

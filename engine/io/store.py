@@ -22,6 +22,7 @@ import torch
 from specplan.contracts.plan import Plan
 from specplan.engine.io.offload import Entry, UnitKey, unit_of
 from specplan.engine.io.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
+from specplan.engine.model.blocked import maybe_blocked
 from specplan.engine.model.checkpoint import convert_scratch
 
 
@@ -254,16 +255,19 @@ class TieredStore:
 
 
 def open_store(plan: Plan, ckpt, layout: StoreLayout, offload, recorder, dtype: torch.dtype,
-               device: torch.device) -> TieredStore:
-    """Load the resident tensors, allocate the staging buffers and start the fetch threads."""
+               device: torch.device, blocked: bool = False) -> TieredStore:
+    """Load the resident tensors (``blocked``: their matrices in the CPU kernel's layout, ``model/blocked.py``),
+    allocate the staging buffers and start the fetch threads."""
     from specplan.engine.io.directio import open_direct
 
     resident, scratch = {}, convert_scratch()
+    spec = plan.model.spec
+    table = spec.tensors.by_name
     for n, tier in layout.resident.items():
         t = ckpt.read(n, dtype=dtype, scratch=scratch)
         if device.type == "cuda":
             t = t.to(device) if tier == "device" else t.pin_memory()
-        resident[n] = t
+        resident[n] = maybe_blocked(n, t, table, spec.tie_word_embeddings) if blocked else t
     if plan.model.spec.tie_word_embeddings and "embed" in resident:
         resident["lm_head"] = resident["embed"]
     needs_file = any(u.reads for u in (*layout.schedule, *layout.experts.values()))

@@ -23,6 +23,7 @@ from specplan.contracts.memory import kv_bytes as kv_cache_bytes
 from specplan.contracts.model import ModelSpec, dtype_bytes
 from specplan.contracts.rows import attention_activation_bytes, bucket_rows, ffn_activation_bytes
 from specplan.engine.measure.timing import Ticker, interleaved_seconds, rate, sample_seconds
+from specplan.engine.model.blocked import BlockedLinear, available
 from specplan.engine.model.quant import LowBitLinear, quantise
 
 #: at most this many weight / KV copies are rotated (tiny tensors would otherwise need thousands).
@@ -68,6 +69,17 @@ def weight_copies(k: int, n: int, dtype: str, device: str, working_set_bytes: in
     return [torch.empty((n, k), dtype=_torch_dtype(dtype), device=device).uniform_(-scale, scale) for _ in range(count)]
 
 
+def blocked_copies(k: int, n: int, dtype: str, working_set_bytes: int) -> list[BlockedLinear]:
+    """``weight_copies`` held as the engine holds a resident weight (``model.blocked.BlockedLinear``)."""
+    return [BlockedLinear(w) for w in weight_copies(k, n, dtype, "cpu", working_set_bytes)]
+
+
+def blocked_dtypes(dtypes: list[str], blocked: bool) -> list[str]:
+    """The dtypes of ``dtypes`` that have the CPU's blocked kernels, where the engine blocks (``blocked``: a CPU
+    without a GPU; on a GPU machine the host's weights are copied to the device)."""
+    return [d for d in dtypes if blocked and available(d)]
+
+
 def linear_call(weights: list, m: int):
     """One ``F.linear`` of ``m`` rows per call (a low-bit weight: its kernel), each call on the next of ``weights``."""
     import torch
@@ -76,7 +88,7 @@ def linear_call(weights: list, m: int):
     w0 = weights[0]
     x = torch.empty((m, w0.shape[1]), dtype=w0.dtype, device=w0.device).uniform_(-1, 1)
     ws = cycle(weights)
-    if isinstance(w0, LowBitLinear):
+    if isinstance(w0, (LowBitLinear, BlockedLinear)):
         return lambda: next(ws)(x)
     return lambda: F.linear(x, next(ws))
 
@@ -87,24 +99,34 @@ def matmul_steps(n_curves: int, rows: tuple[int, ...], reps: int) -> int:
 
 def matmul_curves(
     shapes: tuple[tuple[int, int], ...], rows: tuple[int, ...], dtypes: list[str], device: str, reps: int,
-    min_sample_s: float, working_set_bytes: int, ticker: Ticker,
+    min_sample_s: float, working_set_bytes: int, ticker: Ticker, blocked: bool = False,
 ) -> list[MatmulCurve]:
-    """Achieved FLOP/s (2 m k n per call) of ``F.linear`` over ``rows`` for each dtype and ``k x n`` weight.
+    """Achieved FLOP/s (2 m k n per call) of ``F.linear`` over ``rows`` for each dtype and ``k x n`` weight, and
+    (``blocked``) of the blocked kernel (``model.blocked``) for the dtypes that have it (``blocked_dtypes``).
 
     All points are sampled round-robin (``interleaved_seconds``).
     """
-    curves = [(d, k, n) for d in dtypes for k, n in shapes]
+    curves = curve_keys(shapes, dtypes, blocked)
     activations = "bfloat16" if "bfloat16" in dtypes else "float32"  # of the low-bit matmuls
-    weights = {c: weight_copies(c[1], c[2], c[0], device, working_set_bytes, activations) for c in curves}
+    weights = {c: blocked_copies(c[1], c[2], c[0], working_set_bytes) if c[3]
+               else weight_copies(c[1], c[2], c[0], device, working_set_bytes, activations) for c in curves}
     points = [(c, m) for c in curves for m in rows]
     fns = [linear_call(weights[c], m) for c, m in points]
-    labels = [f"matmul {d} {k}x{n} m={m}" for (d, k, n), m in points]
+    labels = [f"matmul {d} {k}x{n}{' blocked' if b else ''} m={m}" for (d, k, n, b), m in points]
     seconds = interleaved_seconds(fns, labels, reps, min_sample_s, device == "cuda", ticker)
     by_curve: dict[tuple, list[Point]] = {c: [] for c in curves}
-    for ((d, k, n), m), t in zip(points, seconds):
-        by_curve[(d, k, n)].append(Point(x=m, y=rate(2.0 * m * k * n, t)))
-    return [MatmulCurve(dtype=d, k=k, n=n, flops=Curve(x_name="rows", y_name="flops", points=by_curve[(d, k, n)]))
-            for d, k, n in curves]
+    for ((d, k, n, b), m), t in zip(points, seconds):
+        by_curve[(d, k, n, b)].append(Point(x=m, y=rate(2.0 * m * k * n, t)))
+    return [MatmulCurve(dtype=d, k=k, n=n, blocked=b,
+                        flops=Curve(x_name="rows", y_name="flops", points=by_curve[(d, k, n, b)]))
+            for d, k, n, b in curves]
+
+
+def curve_keys(shapes: tuple[tuple[int, int], ...], dtypes: list[str],
+               blocked: bool) -> list[tuple[str, int, int, bool]]:
+    """The matmul curves a profile measures: (dtype, k, n, blocked)."""
+    return ([(d, k, n, False) for d in dtypes for k, n in shapes]
+            + [(d, k, n, True) for d in blocked_dtypes(dtypes, blocked) for k, n in shapes])
 
 
 def dtype_speed_ratio(dtype: str, device: str, reps: int, min_sample_s: float, k: int = 2048, m: int = 256) -> float:

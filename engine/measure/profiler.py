@@ -162,21 +162,22 @@ def _attention_spec(config: ProfileConfig):
     return load_model_spec(config.attention_model)
 
 
-def _steps_compute(config: ProfileConfig, n_dtypes: int) -> int:
+def _steps_compute(config: ProfileConfig, dtypes: list[str], blocked: bool) -> int:
     """Progress steps of ``measure_unit``: matmul points, attention points, memory bandwidth."""
     c = config
-    return (pc.matmul_steps(n_dtypes * len(c.matmul_shapes), c.rows, c.reps)
+    return (pc.matmul_steps(len(pc.curve_keys(c.matmul_shapes, dtypes, blocked)), c.rows, c.reps)
             + pc.attention_steps(len(c.attention_kv_bytes), c.reps) + 1)
 
 
 def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: str, memory_bytes: int,
-                 ticker: Ticker) -> tuple[ComputeUnit, list[str]]:
-    """Matmul curves, decode attention and memory bandwidth of one compute unit."""
+                 ticker: Ticker, blocked: bool = False) -> tuple[ComputeUnit, list[str]]:
+    """Matmul curves (``blocked``: also the blocked kernel's, ``compute.matmul_curves``), decode attention and
+    memory bandwidth of one compute unit."""
     import torch
 
     c = config
     matmul = pc.matmul_curves(c.matmul_shapes, c.rows, dtypes, device, c.reps, c.min_sample_s, c.working_set_bytes,
-                              ticker)
+                              ticker, blocked)
     spec = _attention_spec(c)
     attention = pc.attention_curve(spec, c.attention_kv_bytes, device, c.reps, c.min_sample_s, c.working_set_bytes,
                                    ticker)
@@ -191,6 +192,8 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
     notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
                    f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), float32, one sequence "
                    f"per call",
+             *([f"matmul blocked: {', '.join(b)} weights in oneDNN's blocked layout, reordered once (the engine's "
+                f"resident weights, engine/model/blocked.py)"] if (b := pc.blocked_dtypes(dtypes, blocked)) else []),
              f"elementwise_Bps: the engine's elementwise code of one MoE layer ({', '.join(ew_dtypes)}, "
              f"{' and '.join(map(str, pc.EW_ROWS))} rows) as its matmuls' activation bytes per second"]
     return unit, notes
@@ -243,7 +246,7 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
     if cuda:
         dtypes["host"] = pc.well_supported_dtypes("cpu", c.reps, c.min_sample_s)
     notes += [f"{unit}: {note}" for unit, (_, note) in dtypes.items()]
-    total = (sum(_steps_compute(c, len(d)) for d, _ in dtypes.values()) + pl.disk_steps(c.link_sizes, c.reps, c.disk_stream_s)
+    total = (sum(_steps_compute(c, d, not cuda) for d, _ in dtypes.values()) + pl.disk_steps(c.link_sizes, c.reps, c.disk_stream_s)
              + (pl.copy_steps(c.link_sizes) if cuda else 0) + 1)
     ticker = Ticker(total, on_tick)
 
@@ -255,13 +258,15 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         notes += [f"device: {n}" for n in dev_notes] + [f"host: {n}" for n in host_notes]
         links = pl.measure_copies(c.link_sizes, c.reps, c.min_sample_s, ticker)
     else:
-        device, unit_notes = measure_unit(c, "cpu", dtypes["device"][0], cpu, host_memory_bytes(), ticker)
+        device, unit_notes = measure_unit(c, "cpu", dtypes["device"][0], cpu, host_memory_bytes(), ticker, True)
         host = device
         notes += unit_notes
         notes.append("no GPU: the CPU was measured once and its figures serve as both device and host "
                      "(shared memory: host->device is zero copy, so there are no h2d/d2h links)")
         links = {}
-    overheads, oh_note = measure_overheads(c.device, c.reps, c.min_sample_s)
+    device_dtypes = dtypes["device"][0]
+    overheads, oh_note = measure_overheads(c.device, "bfloat16" if "bfloat16" in device_dtypes else "float32",
+                                           c.reps, c.min_sample_s)
     notes.append(oh_note)
     try:
         resident, resident_note = measure_process_resident(c.device)

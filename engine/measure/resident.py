@@ -4,7 +4,7 @@ caches, staging buffers and activations (``Overheads.process_resident_bytes``, p
 Method: a fresh Python process (so nothing the profiler itself allocated counts) imports the libraries a
 ``specplan run`` process holds (torch, transformers' tokenizers, the engine, and for the comparison and the result
 files scipy, pandas and matplotlib), initialises the device (the CUDA context on a GPU), runs a
-tiny decoder layer and step forward on it (so the allocator, the thread pools and the kernels' code pages are in
+tiny decode forward of the engine's on it (``overheads.tiny_decode``) (so the allocator, the thread pools and the kernels' code pages are in
 use), and reads its peak resident set (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). The tiny forward's
 own tensors (a few hundred KiB, counted from their shapes) are subtracted; what remains is the interpreter, the
 libraries' code and data, the allocator's arenas and the thread stacks: bytes a run pays whatever its plan.
@@ -38,25 +38,15 @@ def _child(device: str) -> dict:
 
     from specplan.engine.io import store  # noqa: F401  the engine's code as a run imports it (measure -> io/model)
     from specplan.engine.model import forward  # noqa: F401
-    from specplan.engine.measure.overheads import _tiny_layer, _tiny_step
+    from specplan.engine.measure.overheads import DEPTHS, tiny_decode
 
-    layer, step = _tiny_layer(device), _tiny_step(device)
+    step, tensors = tiny_decode(DEPTHS[0], device, "float32")
     for _ in range(3):
-        layer(0), layer(1), step()
+        step()
     if device == "cuda":
         torch.cuda.synchronize()
-    tensors = _tiny_tensor_bytes() if device == "cpu" else 0  # CUDA tensors are not in the host's resident set
+        tensors = 0  # CUDA tensors are not in the host's resident set
     return {"peak_rss_bytes": peak_rss_bytes(), "tensor_bytes": tensors, "torch": torch.__version__}
-
-
-def _tiny_tensor_bytes() -> int:
-    """Bytes of the tiny forward's tensors (2 layers' weights, KV, embedding, logits), from ``TINY``'s shapes."""
-    from specplan.engine.measure.overheads import TINY
-
-    h, nh, nkv, d, inter, ctx, vocab = (TINY[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate",
-                                                          "context", "vocab"))
-    layer = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * inter + 2 * h
-    return 4 * (2 * layer + 2 * nkv * (ctx + 1) * d + vocab * h + h + vocab)
 
 
 def measure_process_resident(device: str = "cpu", timeout_s: float = 300) -> tuple[int, str]:

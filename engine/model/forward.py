@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.rows import bucket_rows
+from specplan.engine.model.blocked import maybe_blocked
 from specplan.engine.model.checkpoint import convert_scratch
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -85,10 +86,16 @@ class MemorySource:
                 self._layers.setdefault(int(parts[1]), {})[parts[2]] = t
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """Read every tensor of an opened ``Checkpoint``, converted to ``dtype``."""
+    def from_checkpoint(cls, ckpt, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        blocked: bool = False):
+        """Read every tensor of an opened ``Checkpoint``, converted to ``dtype`` (``blocked``: its matrices in the
+        CPU kernel's layout, ``model/blocked.py``)."""
         scratch = convert_scratch()
-        tensors = {n: ckpt.read(n, dtype, scratch).to(device) for n in ckpt.tensors}
+        table, tied = ckpt.spec.tensors.by_name, ckpt.spec.tie_word_embeddings
+        tensors = {}
+        for n in ckpt.tensors:
+            t = ckpt.read(n, dtype, scratch).to(device)
+            tensors[n] = maybe_blocked(n, t, table, tied) if blocked else t
         if "lm_head" not in tensors:  # tied head
             tensors["lm_head"] = tensors["embed"]
         return cls(tensors)
@@ -163,7 +170,8 @@ def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | N
 
 
 def _linear(x, w, b=None):
-    """``x @ w.T + b``; ``w`` a tensor, or a low-bit weight (``quant.LowBitLinear``, a substitute draft's)."""
+    """``x @ w.T + b``; ``w`` a tensor, a blocked one (``blocked.BlockedLinear``, a resident weight's) or a low-bit
+    one (``quant.LowBitLinear``, a substitute draft's)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
     y = w(x)

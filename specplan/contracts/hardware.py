@@ -162,12 +162,15 @@ class Link(Strict):
 
 
 class MatmulCurve(Strict):
-    """Achieved FLOP/s of ``(m x k) @ (k x n)`` in ``dtype`` over the number of rows ``m``."""
+    """Achieved FLOP/s of ``(m x k) @ (k x n)`` in ``dtype`` over the number of rows ``m``; ``blocked``: on a weight
+    kept in the CPU kernel's own blocked layout (``engine/model/blocked.py``: the engine's resident weights where
+    the profile has such curves), else on a plain row-major weight, as every streamed weight is."""
 
     dtype: str
     k: int = Field(gt=0)
     n: int = Field(gt=0)
     flops: Curve  # x = rows m, y = achieved FLOP/s
+    blocked: bool = False
 
 
 class ComputeUnit(Strict):
@@ -191,12 +194,23 @@ class ComputeUnit(Strict):
     def dtypes(self) -> list[str]:
         return sorted({c.dtype for c in self.matmul})
 
-    def matmul_curve(self, dtype: str, k: int | None = None, n: int | None = None) -> MatmulCurve:
-        """The curve of ``dtype`` whose weight shape is the nearest to ``k x n`` (in log size; the first without one).
+    def blocks(self, dtype: str) -> bool:
+        """Whether resident weights of ``dtype`` are kept blocked: the profile measured blocked curves for it (the
+        profiler does on a CPU without a GPU where the kernel exists; the engine and the cost model both follow it)."""
+        return any(c.blocked and c.dtype == dtype for c in self.matmul)
+
+    def matmul_curve(self, dtype: str, k: int | None = None, n: int | None = None,
+                     blocked: bool = False) -> MatmulCurve:
+        """The curve of ``dtype`` (blocked or plain weights; plain where no blocked curve was measured) whose weight
+        shape is the nearest to ``k x n`` (in log size; the first without one).
 
         A dtype without figures raises ``KeyError``: the planner never silently assumes a rate.
         """
         curves = [c for c in self.matmul if c.dtype == dtype]
+        if blocked and any(c.blocked for c in curves):
+            curves = [c for c in curves if c.blocked]
+        else:
+            curves = [c for c in curves if not c.blocked] or curves
         if not curves:
             raise KeyError(f"no matmul figures for dtype {dtype} on {self.name} (have {', '.join(self.dtypes)})")
         if k is not None and n is not None and len(curves) > 1:
@@ -204,9 +218,10 @@ class ComputeUnit(Strict):
             curves.sort(key=lambda c: abs(math.log(c.k * c.n) - target))
         return curves[0]
 
-    def matmul_flops(self, dtype: str, m: float, k: int | None = None, n: int | None = None) -> float:
-        """Achieved FLOP/s for ``m`` rows on the curve ``matmul_curve(dtype, k, n)``."""
-        return self.matmul_curve(dtype, k, n).flops.at(max(m, 1))
+    def matmul_flops(self, dtype: str, m: float, k: int | None = None, n: int | None = None,
+                     blocked: bool = False) -> float:
+        """Achieved FLOP/s for ``m`` rows on the curve ``matmul_curve(dtype, k, n, blocked)``."""
+        return self.matmul_curve(dtype, k, n, blocked).flops.at(max(m, 1))
 
     def peak_matmul_flops(self, dtype: str) -> float:
         return max(p.y.median for c in self.matmul if c.dtype == dtype for p in c.flops.points)
