@@ -105,3 +105,21 @@ def test_the_cost_model_rates_resident_matmuls_on_the_blocked_curves():
     plain_only = Costing(tiny_moe(), base.model_copy(update={"device": base.device.model_copy(
         update={"matmul": [*base.device.matmul, plain]})}), "bfloat16", "bfloat16")
     assert not any(o.blocked for o in attention_ops(plain_only, k, p, "device"))
+
+
+@needs_kernel
+def test_matrices_to_block_are_read_through_one_reusable_buffer(tiny_model, monkeypatch):
+    """A plain copy per matrix, allocated and freed, would stay in the allocator's heap next to the blocked one:
+    every matrix the reader blocks is read into the same buffer, everything else as a tensor of its own."""
+    from specplan.engine.model.blocked import BlockedReader
+
+    ckpt = open_checkpoint(tiny_model("mixtral"))
+    buffers = []
+    real = ckpt.read
+    monkeypatch.setattr(ckpt, "read", lambda n, dtype, scratch=None, into=None: buffers.append(
+        (n, None if into is None else into.data_ptr())) or real(n, dtype, scratch, into))
+    reader = BlockedReader(ckpt, torch.bfloat16, True)
+    got = {n: reader.read(n) for n in ckpt.tensors}
+    blocked_names = {n for n, t in got.items() if isinstance(t, BlockedLinear)}
+    assert blocked_names and {p for n, p in buffers if n in blocked_names} == {reader._buf.data_ptr()}
+    assert all(p is None for n, p in buffers if n not in blocked_names)

@@ -22,7 +22,7 @@ import torch
 from specplan.contracts.plan import Plan
 from specplan.engine.io.offload import Entry, UnitKey, unit_of
 from specplan.engine.io.prefetch import ExpertReader, FetchUnit, Prefetcher, allocate_staging, make_unit
-from specplan.engine.model.blocked import maybe_blocked
+from specplan.engine.model.blocked import BlockedReader
 from specplan.engine.model.checkpoint import convert_scratch
 
 
@@ -261,13 +261,13 @@ def open_store(plan: Plan, ckpt, layout: StoreLayout, offload, recorder, dtype: 
     from specplan.engine.io.directio import open_direct
 
     resident, scratch = {}, convert_scratch()
-    spec = plan.model.spec
-    table = spec.tensors.by_name
+    reader = BlockedReader(ckpt, dtype, blocked and device.type == "cpu")
     for n, tier in layout.resident.items():
-        t = ckpt.read(n, dtype=dtype, scratch=scratch)
+        t = reader.read(n, scratch)
         if device.type == "cuda":
             t = t.to(device) if tier == "device" else t.pin_memory()
-        resident[n] = maybe_blocked(n, t, table, spec.tie_word_embeddings) if blocked else t
+        resident[n] = t
+    reader.close()
     if plan.model.spec.tie_word_embeddings and "embed" in resident:
         resident["lm_head"] = resident["embed"]
     needs_file = any(u.reads for u in (*layout.schedule, *layout.experts.values()))

@@ -15,7 +15,6 @@ model (``planner/units.py``) rates exactly the matmuls the engine blocks. Which 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import cache
 
 import torch
@@ -64,10 +63,23 @@ class BlockedLinear:
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
 
 
-def maybe_blocked(name: str, t: torch.Tensor, table: Mapping[str, WeightTensor], tied_head: bool):
-    """``t`` blocked where it is a ``blockable`` CPU matrix (by its entry in the model's tensor ``table``), else
-    ``t``. Called per tensor as it is read, so that only one plain copy is alive at a time."""
-    entry = table.get(name)
-    if entry is not None and t.device.type == "cpu" and blockable(entry, tied_head):
-        return BlockedLinear(t)
-    return t
+class BlockedReader:
+    """Reads a model's resident tensors for a run, its ``blockable`` CPU matrices blocked (``blocked``; else all
+    plain). Each matrix to block is read into one reusable buffer, then reordered into its own allocation: a plain
+    copy allocated and freed per matrix would leave its memory in the allocator's heap (measured: the demo draft's
+    270 MB of weights held 370 MB of resident memory that way, 270 MB this way)."""
+
+    def __init__(self, ckpt, dtype: torch.dtype, blocked: bool):
+        spec = ckpt.spec
+        self.ckpt, self.dtype, self.table, self.tied = ckpt, dtype, spec.tensors.by_name, spec.tie_word_embeddings
+        sizes = [t.params * dtype.itemsize for t in self.table.values() if blockable(t, self.tied)] if blocked else []
+        self._buf = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
+
+    def read(self, name: str, scratch: torch.Tensor | None = None):
+        entry = self.table.get(name)
+        if self._buf is None or entry is None or not blockable(entry, self.tied):
+            return self.ckpt.read(name, self.dtype, scratch)
+        return BlockedLinear(self.ckpt.read(name, self.dtype, scratch, into=self._buf))
+
+    def close(self) -> None:
+        self._buf = None

@@ -70,13 +70,13 @@ class Checkpoint:
     config: dict = field(repr=False, default_factory=dict)
 
     def read(self, name: str, dtype: torch.dtype | None = torch.float32,
-             scratch: torch.Tensor | None = None) -> torch.Tensor:
+             scratch: torch.Tensor | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor ``name`` read from disk (buffered), converted to ``dtype`` (None: as stored), through
-        ``scratch`` when given (``read_tensor``)."""
+        ``scratch`` when given, as a view of ``into`` when given (``read_tensor``)."""
         ref = self.tensors.get(name)
         if ref is None:
             raise KeyError(f"{self.folder}: no tensor '{name}'")
-        return read_tensor(ref, dtype, scratch)
+        return read_tensor(ref, dtype, scratch, into)
 
     def layer_refs(self, i: int) -> dict[str, TensorRef]:
         """Non-expert tensors of layer ``i``, keyed without the ``layers.{i}.`` prefix ("attn.q", "router", ...)."""
@@ -262,18 +262,22 @@ def convert_scratch() -> torch.Tensor:
 
 
 def read_tensor(ref: TensorRef, dtype: torch.dtype | None = torch.float32,
-                scratch: torch.Tensor | None = None) -> torch.Tensor:
+                scratch: torch.Tensor | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor's bytes (buffered) and convert it to ``dtype`` (None keeps the stored dtype). A conversion
     goes chunk by chunk through ``scratch`` (a ``convert_scratch``; None: one of its own), straight into the
     result: reading a float32 tensor whole and converting it would leave the float32 copy's memory in the
     allocator's heap, and so would a scratch buffer allocated and freed per tensor (measured: a bfloat16 plan on
-    float32 weights then stayed resident at up to its float32 size)."""
+    float32 weights then stayed resident at up to its float32 size). ``into`` (a uint8 buffer at least the
+    result's size): the result is a view of it, for a caller that only needs it for a moment."""
     stored = ref.torch_dtype
-    if dtype is None or dtype == stored:
-        raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # not zero-filled: the reads overwrite every byte
-        _read_into(ref, memoryview(raw.numpy()), ref.offset)
-        return raw.view(stored).reshape(ref.shape)
-    out = torch.empty(ref.shape, dtype=dtype).reshape(-1)
+    out_dtype = stored if dtype is None else dtype
+    size = torch.Size(ref.shape).numel() * out_dtype.itemsize
+    # not zero-filled: the reads overwrite every byte
+    buf = torch.empty(size, dtype=torch.uint8) if into is None else into[:size]
+    if out_dtype == stored:
+        _read_into(ref, memoryview(buf.numpy()), ref.offset)
+        return buf.view(stored).reshape(ref.shape)
+    out = buf.view(dtype).reshape(-1)
     item = stored.itemsize
     scratch = convert_scratch() if scratch is None else scratch
     per = max(1, scratch.numel() // item)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from specplan.contracts.memory import causal_positions, kv_bytes, kv_capacity
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.rows import bucket_rows
-from specplan.engine.model.blocked import maybe_blocked
+from specplan.engine.model.blocked import BlockedReader
 from specplan.engine.model.checkpoint import convert_scratch
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -91,11 +91,10 @@ class MemorySource:
         """Read every tensor of an opened ``Checkpoint``, converted to ``dtype`` (``blocked``: its matrices in the
         CPU kernel's layout, ``model/blocked.py``)."""
         scratch = convert_scratch()
-        table, tied = ckpt.spec.tensors.by_name, ckpt.spec.tie_word_embeddings
-        tensors = {}
-        for n in ckpt.tensors:
-            t = ckpt.read(n, dtype, scratch).to(device)
-            tensors[n] = maybe_blocked(n, t, table, tied) if blocked else t
+        reader = BlockedReader(ckpt, dtype, blocked and torch.device(device).type == "cpu")
+        tensors = {n: reader.read(n, scratch) for n in ckpt.tensors}
+        reader.close()
+        tensors = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in tensors.items()}
         if "lm_head" not in tensors:  # tied head
             tensors["lm_head"] = tensors["embed"]
         return cls(tensors)
