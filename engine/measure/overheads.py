@@ -3,8 +3,9 @@
 - ``per_op_s``: one tiny torch op (``torch.add`` of one-element tensors): framework dispatch (+ launch on CUDA).
 - ``per_layer_s`` and ``per_step_s``: the engine's own forward (``model.forward``, traced by the run's
   ``execute.recorder.Recorder``, as a run traces it) of one decode token on a tiny Llama-style model (``TINY``)
-  at two depths (``DEPTHS``), followed by the greedy pick a run makes: the difference per layer, minus the dispatch
-  of the ``COUNTED_OPS`` calls the cost model charges ``per_op_s`` for (its 7 linears and 1 attention), is
+  at two depths (``DEPTHS``), followed by the greedy pick a run makes, its matrices blocked where a run's resident
+  ones are (``model/blocked.py``): the difference per layer, minus the same layer's 7 linears and 1 attention call
+  timed alone (the cost model charges those per op, from the matmul curves and the decode-attention rate), is
   ``per_layer_s`` (norms, rope, the KV write, masks, residuals, the weight lookup, the spans); what the shallower
   forward takes beyond its layers is ``per_step_s`` (embedding, positions, rope tables and mask, final norm, head,
   the pick and reading it back to Python). Both in the compute dtype plans run at (bfloat16 where it is profiled:
@@ -24,11 +25,10 @@ from specplan.contracts.hardware import Overheads, Stat
 from specplan.contracts.model import ModelSpec
 from specplan.engine.execute.recorder import Recorder
 from specplan.engine.measure.timing import sample_seconds
-from specplan.engine.model.forward import MemorySource, forward
+from specplan.engine.model.blocked import BlockedLinear, available, blockable
+from specplan.engine.model.forward import MemorySource, _linear, attend, forward
 from specplan.engine.model.kvcache import KVCache
 
-#: calls of a layer that the cost model already charges ``per_op_s`` for (7 linears, 1 attention).
-COUNTED_OPS = 8
 #: dimensions of the tiny model: compute is negligible, the fixed costs are what is measured.
 TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, context=16, vocab=256)
 #: the two depths of the tiny model whose forwards are timed
@@ -43,16 +43,20 @@ def tiny_spec(layers: int) -> ModelSpec:
                      intermediate_size=t["intermediate"], dtype="float32")
 
 
-def tiny_decode(layers: int, device: str, dtype: str):
-    """(step, tensor bytes): one traced decode forward of the tiny model plus the greedy pick, on ``device`` in
-    ``dtype``, over a KV cache of ``TINY["context"]`` positions (rolled back after each step)."""
+def tiny_decode(layers: int, device: str, dtype: str, blocked: bool = False):
+    """(step, its matmuls alone, tensor bytes): one traced decode forward of the tiny model plus the greedy pick, on
+    ``device`` in ``dtype`` (``blocked``: its matrices blocked, as a run's resident ones are), over a KV cache of
+    ``TINY["context"]`` positions (rolled back after each step); and the same step's linears and attention calls
+    (``forward._linear`` on the same weights, ``attend`` on the same cache) without the rest of the forward."""
     import torch
 
     spec, dt, ctx = tiny_spec(layers), getattr(torch, dtype), TINY["context"]
     g = torch.Generator().manual_seed(0)
     tensors = {n: (torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5).to(device=device, dtype=dt)
                for n, t in spec.tensors.by_name.items()}
-    src = MemorySource({**tensors, "lm_head": tensors.get("lm_head", tensors["embed"])})
+    weights = {n: BlockedLinear(t) if blocked and blockable(spec.tensors.by_name[n], True) else t
+               for n, t in tensors.items()}
+    src = MemorySource({**weights, "lm_head": weights.get("lm_head", weights["embed"])})
     kv = KVCache.allocate(spec, 1, ctx + 1, dt, torch.device(device))
     forward(spec, src, kv, torch.zeros((1, ctx), dtype=torch.long))
     token = torch.zeros((1, 1), dtype=torch.long)
@@ -63,7 +67,21 @@ def tiny_decode(layers: int, device: str, dtype: str):
         kv.set_lengths([ctx])
         return logits[:, -1].argmax(-1).tolist()
 
-    return step, sum(t.nbytes for t in tensors.values()) + kv.bytes()
+    h, nh, nkv, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    x, inner = torch.zeros((1, 1, h), dtype=dt, device=device), torch.zeros((1, 1, spec.intermediate_size), dtype=dt,
+                                                                               device=device)
+    q, o = torch.zeros((1, nh, 1, d), dtype=dt, device=device), torch.zeros((1, 1, nh * d), dtype=dt, device=device)
+    mask = torch.ones((1, 1, 1, ctx + 1), dtype=torch.bool, device=device)
+    inputs = {"attn.q": x, "attn.k": x, "attn.v": x, "attn.o": o, "mlp.gate": x, "mlp.up": x, "mlp.down": inner}
+
+    def matmuls() -> None:
+        for i in range(layers):
+            for name, inp in inputs.items():
+                _linear(inp, weights[f"layers.{i}.{name}"])
+            keys, values = kv.view(i, ctx + 1)
+            attend(q, keys, values, mask, nh // nkv, d)
+
+    return step, matmuls, sum(t.nbytes for t in tensors.values()) + kv.bytes()
 
 
 def handoff_seconds(reps: int, handoffs: int = HANDOFFS) -> Stat:
@@ -93,21 +111,26 @@ def handoff_seconds(reps: int, handoffs: int = HANDOFFS) -> Stat:
 
 
 def measure_overheads(device: str, dtype: str, reps: int, min_sample_s: float) -> tuple[Overheads, str]:
-    """The four fixed costs (the forward's in ``dtype``), and a note on how ``per_layer_s`` was derived."""
+    """The four fixed costs (the forward's in ``dtype``, its matrices blocked where a run's resident ones are), and
+    a note on how ``per_layer_s`` was derived."""
     import torch
 
     cuda = device == "cuda"
     a = torch.zeros(1, device=device)
     per_op = sample_seconds(lambda: torch.add(a, a), reps, min_sample_s, cuda=cuda)
-    shallow, deep = (sample_seconds(tiny_decode(n, device, dtype)[0], reps, min_sample_s, cuda=cuda) for n in DEPTHS)
+    blocked = device == "cpu" and available(dtype)
+    (shallow, _), (deep, deep_mm) = ((sample_seconds(step, reps, min_sample_s, cuda=cuda),
+                                      sample_seconds(mm, reps, min_sample_s, cuda=cuda))
+                                     for step, mm, _ in (tiny_decode(n, device, dtype, blocked) for n in DEPTHS))
     handoff = handoff_seconds(reps)
-    counted = COUNTED_OPS * per_op.median
     layers = DEPTHS[1] - DEPTHS[0]
+    # the cost model charges a layer's linears and attention per call: timed alone, per layer, off the layer
+    calls = deep_mm.median / DEPTHS[1]
 
     def per(stat: str) -> tuple[float, float]:
         layer = (getattr(deep, stat) - getattr(shallow, stat)) / layers
         rest = getattr(shallow, stat) - DEPTHS[0] * layer
-        return max(layer - counted, 0.1 * layer, 0.0), max(rest, 0.1 * getattr(shallow, stat))
+        return max(layer - calls, 0.1 * layer, 0.0), max(rest, 0.1 * getattr(shallow, stat))
 
     # (min, min), (median, median), (max, max) of the two forwards: the medians are the figure, the others its range
     got = [per(s) for s in ("min", "median", "max")]
@@ -118,7 +141,8 @@ def measure_overheads(device: str, dtype: str, reps: int, min_sample_s: float) -
         samples_s={"per_op_s": per_op, "per_layer_s": per_layer, "per_step_s": step, "thread_handoff_s": handoff},
     )
     note = (f"per_layer_s and per_step_s: the engine's traced decode forward and greedy pick of a tiny {dtype} model "
-            f"at {DEPTHS[0]} and {DEPTHS[1]} layers ({shallow.median * 1e6:.0f} and {deep.median * 1e6:.0f} us): "
-            f"per layer the difference minus {COUNTED_OPS} x per_op_s for its 7 linears and 1 attention, which the "
-            f"cost model charges per op; per step the rest of the shallower forward")
+            f"({'blocked' if blocked else 'plain'} matrices) at {DEPTHS[0]} and {DEPTHS[1]} layers "
+            f"({shallow.median * 1e6:.0f} and {deep.median * 1e6:.0f} us): per layer the difference minus its 7 "
+            f"linears and 1 attention timed alone ({calls * 1e6:.0f} us), which the cost model charges per op; per "
+            f"step the rest of the shallower forward")
     return overheads, note

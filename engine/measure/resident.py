@@ -40,7 +40,7 @@ def _child(device: str) -> dict:
     from specplan.engine.model import forward  # noqa: F401
     from specplan.engine.measure.overheads import DEPTHS, tiny_decode
 
-    step, tensors = tiny_decode(DEPTHS[0], device, "float32")
+    step, _, tensors = tiny_decode(DEPTHS[0], device, "float32")
     for _ in range(3):
         step()
     if device == "cuda":
