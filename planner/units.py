@@ -36,7 +36,8 @@ UNIT_TIERS: dict[UnitKind, tuple[UnitTier, ...]] = {
     "draft": ("device/device", "device/host", "host/host"),
 }
 
-#: kernel calls per op (each pays profile.overheads.per_op_s); the per-layer Python cost is per_layer_s.
+#: kernel calls per op (each pays profile.overheads.per_op_s); the per-layer Python cost is
+#: ``Overheads.layer_s`` of the layer's width.
 CALLS = {"attn_proj": 4, "attention": 1, "router": 2, "combine": 2, "expert": 5, "mlp": 4, "shared": 5,
          "embed": 1, "lm_head": 2}
 
@@ -247,7 +248,7 @@ def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> lis
                  dtype=_weight_dtype(c, p, tier), blocked=_blocked(c, p, tier), calls=n * CALLS["attn_proj"],
                  group="attention", phase=p.phase,
                  batch=p.batch,
-                 overheads=(("per_layer_s", n),) + _handoff(fetch, n))
+                 overheads=(("per_layer_s", n), ("per_layer_per_width_s", n * s.hidden_size)) + _handoff(fetch, n))
     return fetch + [compute]
 
 
@@ -382,7 +383,8 @@ def draft_model_ops(c: Costing, p: Pass, tier: DraftTier, step: int | None = Non
               bytes=c.draft_bytes - head_bytes + act, act_bytes=d.num_layers * layer_act,
               shape=(p.rows, d.hidden_size, max(d.intermediate_size, d.moe_intermediate_size, 1)),
               dtype=c.weight_dtype, blocked=blocked, calls=7 * d.num_layers,
-              overheads=(("per_layer_s", d.num_layers), ("per_step_s", 1)), **common),
+              overheads=(("per_layer_s", d.num_layers), ("per_layer_per_width_s", d.num_layers * d.hidden_size),
+                         ("per_step_s", 1)), **common),
            Op(f"{tag}.lm_head", unit[w_tier], "matmul", flops=p.logit_rows * head,
               bytes=head_bytes + p.logit_rows * d.vocab_size * 4, shape=(p.logit_rows, d.hidden_size, d.vocab_size),
               dtype=c.weight_dtype, blocked=blocked and not d.tie_word_embeddings, calls=1, **common)]

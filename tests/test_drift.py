@@ -246,3 +246,20 @@ def test_an_overhead_rows_totals_and_per_count_seconds_are_apart():
     assert row["observed_s"] == 0.6 and row["observed_s_each"] == pytest.approx(0.006)
     assert row["profile_s"] == 0.002 and row["profile_s_each"] == pytest.approx(2e-5)
     assert Figure.from_row(row).observed() == pytest.approx(0.006)
+
+
+def test_a_layers_fixed_cost_follows_the_models_width():
+    """``Overheads.layer_s``: the cost model charges a layer per_layer_s plus its width times the slope, drift
+    compares the gaps with that, and the profile at the observed rates replaces both by the observed figure."""
+    from specplan.validation.drift import at_observed
+
+    base = disk_plan()
+    oh = base.profile.overheads.model_copy(update={"per_layer_per_width_s": 1e-6})
+    plan = base.model_copy(update={"profile": base.profile.model_copy(update={"overheads": oh})})
+    width = plan.model.spec.hidden_size
+    assert oh.layer_s(width) == pytest.approx(oh.per_layer_s + width * 1e-6)
+    assert predict(plan).prefill_s > predict(base).prefill_s  # the width term is charged (decode: disk-bound)
+    figs = {f.figure: f for f in observed_figures(plan, timeline(plan, layer_gap_s=3e-4), "float32")}
+    assert figs["per_layer_s"].profiled() == pytest.approx(oh.layer_s(width))
+    seen = at_observed(plan.profile, list(figs.values())).overheads
+    assert seen.per_layer_per_width_s == 0 and seen.layer_s(width) == pytest.approx(3e-4)

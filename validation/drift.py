@@ -251,7 +251,9 @@ def overhead_figures(plan: Plan, timeline: Timeline) -> list[Figure]:
     step = Figure("overheads", "per_step_s", "s")
     between: list[tuple[float, float]] = []
     inside: list[tuple[float, float]] = []
-    for stream in passes(timeline).values():
+    draft = plan.draft.spec if plan.draft.kind == "model" else None
+    for (drafting, _), stream in passes(timeline).items():
+        width = (draft if drafting and draft is not None else plan.model.spec).hidden_size
         stream = [p for p in stream if _inside(p[0], windows) and _inside(p[-1], windows)]
         extents = [(p[0].start_s, max(e.end_s for e in p)) for p in stream]
         spans = [(e.start_s, e.end_s) for p in stream for e in p]
@@ -260,7 +262,7 @@ def overhead_figures(plan: Plan, timeline: Timeline) -> list[Figure]:
         for p in stream:
             layers = len({e.layer for e in p if e.layer is not None})
             layer.work += layers
-            layer.profile_s += layers * oh.per_layer_s
+            layer.profile_s += layers * oh.layer_s(width)
             layer.events += 1
         between += [(a_end, b_start) for (_, a_end), (b_start, _) in zip(extents, extents[1:])
                     if any(lo <= a_end and b_start <= hi for lo, hi in windows)]
@@ -285,6 +287,8 @@ def at_observed(profile: HardwareProfile, figures: list[Figure]) -> HardwareProf
             links[f.figure] = links[f.figure].scaled(f.speed)
         elif f.resource == "overheads":
             overheads[f.figure] = f.observed()
+            if f.figure == "per_layer_s":  # observed at the run's widths: the width term is in it
+                overheads["per_layer_per_width_s"] = 0.0
         else:
             units[f.resource] = _scaled_unit(units[f.resource], f.figure, f.speed)
     device = units["device_compute"]

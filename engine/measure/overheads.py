@@ -11,6 +11,9 @@
   the pick and reading it back to Python). Both in the compute dtype plans run at (bfloat16 where it is profiled:
   a bfloat16 layer's fixed cost is 1.5x a float32 one's on this VM). An earlier hand-written replica of a layer
   took 117 us here where the engine's layer takes 211-323 us: measuring the engine's own code is the point.
+- ``per_layer_per_width_s``: a layer's fixed cost grows with the model's width (on this VM 238-284 us at width 64,
+  439 us at 576), so the layer is timed at two widths (``WIDTHS``) and the line through both gives ``per_layer_s``
+  (its value at width 0) and this slope (``Overheads.layer_s``).
 - ``thread_handoff_s``: handing a ready buffer from a producer thread to a consumer through a ``queue.Queue`` (the
   engine's prefetcher): half a ping-pong round trip between two threads.
 """
@@ -29,28 +32,33 @@ from specplan.engine.model.blocked import BlockedLinear, available, blockable
 from specplan.engine.model.forward import MemorySource, _linear, attend, forward
 from specplan.engine.model.kvcache import KVCache
 
-#: dimensions of the tiny model: compute is negligible, the fixed costs are what is measured.
+#: dimensions of the tiny model at width 64: compute is negligible, the fixed costs are what is measured.
 TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, context=16, vocab=256)
 #: the two depths of the tiny model whose forwards are timed
 DEPTHS = (2, 6)
+#: the two widths it is timed at: a layer's fixed cost grows with the width (norms, rope, the KV write)
+WIDTHS = (64, 512)
 HANDOFFS = 2000
 
 
-def tiny_spec(layers: int) -> ModelSpec:
+def tiny_spec(layers: int, width: int = TINY["hidden"]) -> ModelSpec:
+    """The tiny Llama-style model, ``TINY`` at width 64 and scaled with it: heads of 16 up to 64 wide, half as many
+    KV heads, an MLP twice as wide."""
     t = TINY
-    return ModelSpec(name=f"tiny-{layers}", family="llama", num_layers=layers, hidden_size=t["hidden"],
-                     num_heads=t["heads"], num_kv_heads=t["kv_heads"], head_dim=t["head_dim"], vocab_size=t["vocab"],
-                     intermediate_size=t["intermediate"], dtype="float32")
+    heads = max(t["heads"], width // 64)
+    return ModelSpec(name=f"tiny-{layers}x{width}", family="llama", num_layers=layers, hidden_size=width,
+                     num_heads=heads, num_kv_heads=heads // 2, head_dim=width // heads, vocab_size=t["vocab"],
+                     intermediate_size=2 * width, dtype="float32")
 
 
-def tiny_decode(layers: int, device: str, dtype: str, blocked: bool = False):
+def tiny_decode(layers: int, device: str, dtype: str, blocked: bool = False, width: int = TINY["hidden"]):
     """(step, its matmuls alone, tensor bytes): one traced decode forward of the tiny model plus the greedy pick, on
     ``device`` in ``dtype`` (``blocked``: its matrices blocked, as a run's resident ones are), over a KV cache of
     ``TINY["context"]`` positions (rolled back after each step); and the same step's linears and attention calls
     (``forward._linear`` on the same weights, ``attend`` on the same cache) without the rest of the forward."""
     import torch
 
-    spec, dt, ctx = tiny_spec(layers), getattr(torch, dtype), TINY["context"]
+    spec, dt, ctx = tiny_spec(layers, width), getattr(torch, dtype), TINY["context"]
     g = torch.Generator().manual_seed(0)
     tensors = {n: (torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5).to(device=device, dtype=dt)
                for n, t in spec.tensors.by_name.items()}
@@ -119,30 +127,38 @@ def measure_overheads(device: str, dtype: str, reps: int, min_sample_s: float) -
     a = torch.zeros(1, device=device)
     per_op = sample_seconds(lambda: torch.add(a, a), reps, min_sample_s, cuda=cuda)
     blocked = device == "cpu" and available(dtype)
-    (shallow, _), (deep, deep_mm) = ((sample_seconds(step, reps, min_sample_s, cuda=cuda),
-                                      sample_seconds(mm, reps, min_sample_s, cuda=cuda))
-                                     for step, mm, _ in (tiny_decode(n, device, dtype, blocked) for n in DEPTHS))
-    handoff = handoff_seconds(reps)
     layers = DEPTHS[1] - DEPTHS[0]
-    # the cost model charges a layer's linears and attention per call: timed alone, per layer, off the layer
-    calls = deep_mm.median / DEPTHS[1]
 
-    def per(stat: str) -> tuple[float, float]:
-        layer = (getattr(deep, stat) - getattr(shallow, stat)) / layers
-        rest = getattr(shallow, stat) - DEPTHS[0] * layer
-        return max(layer - calls, 0.1 * layer, 0.0), max(rest, 0.1 * getattr(shallow, stat))
+    def at(width: int) -> tuple[list[float], list[float], float]:
+        """Per stat (min, median, max): a layer's fixed cost and the step's, at ``width``; the layer's calls."""
+        (shallow, _), (deep, deep_mm) = ((sample_seconds(step, reps, min_sample_s, cuda=cuda),
+                                          sample_seconds(mm, reps, min_sample_s, cuda=cuda))
+                                         for step, mm, _ in (tiny_decode(n, device, dtype, blocked, width)
+                                                             for n in DEPTHS))
+        # the cost model charges a layer's linears and attention per call: timed alone, per layer, off the layer
+        calls = deep_mm.median / DEPTHS[1]
+        layer, step = [], []
+        for stat in ("min", "median", "max"):  # (min, min) ... (max, max): the medians are the figure
+            per = (getattr(deep, stat) - getattr(shallow, stat)) / layers
+            layer.append(max(per - calls, 0.1 * per, 0.0))
+            step.append(max(getattr(shallow, stat) - DEPTHS[0] * per, 0.1 * getattr(shallow, stat)))
+        return layer, step, calls
 
-    # (min, min), (median, median), (max, max) of the two forwards: the medians are the figure, the others its range
-    got = [per(s) for s in ("min", "median", "max")]
-    per_layer, step = (Stat(min=min(v), median=v[1], max=max(v)) for v in ([g[i] for g in got] for i in (0, 1)))
+    (narrow, step_s, calls), (wide, _, wide_calls) = (at(w) for w in WIDTHS)
+    slope = max((wide[1] - narrow[1]) / (WIDTHS[1] - WIDTHS[0]), 0.0)
+    base = [max(v - WIDTHS[0] * slope, 0.1 * v) for v in narrow]
+    handoff = handoff_seconds(reps)
+    per_layer = Stat(min=min(base), median=base[1], max=max(base))
+    step = Stat(min=min(step_s), median=step_s[1], max=max(step_s))
     overheads = Overheads(
-        per_op_s=per_op.median, per_layer_s=per_layer.median, per_step_s=step.median,
+        per_op_s=per_op.median, per_layer_s=per_layer.median, per_layer_per_width_s=slope, per_step_s=step.median,
         thread_handoff_s=handoff.median,
         samples_s={"per_op_s": per_op, "per_layer_s": per_layer, "per_step_s": step, "thread_handoff_s": handoff},
     )
-    note = (f"per_layer_s and per_step_s: the engine's traced decode forward and greedy pick of a tiny {dtype} model "
-            f"({'blocked' if blocked else 'plain'} matrices) at {DEPTHS[0]} and {DEPTHS[1]} layers "
-            f"({shallow.median * 1e6:.0f} and {deep.median * 1e6:.0f} us): per layer the difference minus its 7 "
-            f"linears and 1 attention timed alone ({calls * 1e6:.0f} us), which the cost model charges per op; per "
-            f"step the rest of the shallower forward")
+    note = (f"per_layer_s, per_layer_per_width_s and per_step_s: the engine's traced decode forward and greedy pick of "
+            f"a tiny {dtype} model ({'blocked' if blocked else 'plain'} matrices) at {DEPTHS[0]} and {DEPTHS[1]} "
+            f"layers and widths {WIDTHS[0]} and {WIDTHS[1]}: per layer the difference minus its 7 linears and 1 "
+            f"attention timed alone ({calls * 1e6:.0f} and {wide_calls * 1e6:.0f} us), which the cost model charges "
+            f"per op: {narrow[1] * 1e6:.0f} us at width {WIDTHS[0]}, {wide[1] * 1e6:.0f} us at {WIDTHS[1]}, a line "
+            f"through both; per step the rest of the shallower forward at width {WIDTHS[0]}")
     return overheads, note

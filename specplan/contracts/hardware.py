@@ -231,7 +231,10 @@ class Overheads(Strict):
     """Fixed costs the engine pays regardless of size."""
 
     per_op_s: float = Field(ge=0)  # framework dispatch of one kernel / torch op
-    per_layer_s: float = Field(ge=0)  # python and bookkeeping per transformer layer
+    per_layer_s: float = Field(ge=0)  # python and bookkeeping per transformer layer (at width 0, see below)
+    #: the part of a layer's fixed cost that grows with the model's hidden size: seconds per unit of width (0: not
+    #: measured); a layer of width h costs ``layer_s(h)``
+    per_layer_per_width_s: float = Field(0.0, ge=0)
     per_step_s: float = Field(ge=0)  # per forward pass (sampling, batch bookkeeping)
     thread_handoff_s: float = Field(ge=0)  # handing a ready buffer from the prefetch thread to the compute thread
     #: host RAM the engine process holds outside a plan's tensors (interpreter, torch and its libraries, the CUDA
@@ -243,6 +246,10 @@ class Overheads(Strict):
     compute_slowdown_while_streaming: float = Field(1.0, ge=1.0)
     #: measured profiles: the samples behind each figure above, by field name (min / median / max).
     samples_s: dict[str, Stat] | None = None
+
+    def layer_s(self, width: int) -> float:
+        """The fixed cost of one layer of hidden size ``width``."""
+        return self.per_layer_s + width * self.per_layer_per_width_s
 
 
 class CalibrationFit(Strict):
