@@ -388,7 +388,7 @@ def test_fixed_costs_are_timed_on_the_engines_own_traced_forward(monkeypatch):
 
     from specplan.engine.execute.recorder import Recorder
     from specplan.engine.measure import compute
-    from specplan.engine.measure.overheads import measure_overheads
+    from specplan.engine.measure.overheads import WIDTHS, measure_overheads
 
     before = measure_overheads("cpu", "float32", 3, 0.05)[0]
     real = Recorder.span
@@ -402,5 +402,6 @@ def test_fixed_costs_are_timed_on_the_engines_own_traced_forward(monkeypatch):
     monkeypatch.setattr(Recorder, "span", slow)
     after = measure_overheads("cpu", "float32", 3, 0.05)[0]
     spans = 5  # attn_proj (x2), attention, mlp per layer of the tiny dense model
-    assert after.per_layer_s - before.per_layer_s > 0.7 * spans * 100e-6
+    width = WIDTHS[0]  # the tiny model's: its layer is what the spans slowed (the width term is a line through two)
+    assert after.layer_s(width) - before.layer_s(width) > 0.7 * spans * 100e-6
     assert compute.curve_keys(((64, 64),), ["bfloat16"], False) == [("bfloat16", 64, 64, False)]
