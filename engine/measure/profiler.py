@@ -264,12 +264,11 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         notes.append("no GPU: the CPU was measured once and its figures serve as both device and host "
                      "(shared memory: host->device is zero copy, so there are no h2d/d2h links)")
         links = {}
-    device_dtypes = dtypes["device"][0]
-    overheads, oh_note = measure_overheads(c.device, "bfloat16" if "bfloat16" in device_dtypes else "float32",
-                                           c.reps, c.min_sample_s)
+    compute = "bfloat16" if "bfloat16" in dtypes["device"][0] else "float32"
+    overheads, oh_note = measure_overheads(c.device, compute, c.reps, c.min_sample_s)
     notes.append(oh_note)
     try:
-        resident, resident_note = measure_process_resident(c.device)
+        resident, resident_note = measure_process_resident(c.device, dtype=compute)
         overheads = overheads.model_copy(update={"process_resident_bytes": resident})
         notes.append(resident_note)
     except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:

@@ -25,7 +25,7 @@ from specplan.engine.io.memstat import peak_rss_bytes
 MARGIN, MARGIN_MIN_BYTES = 0.25, 128 << 20
 
 
-def _child(device: str) -> dict:
+def _child(device: str, dtype: str = "float32") -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,8 +39,10 @@ def _child(device: str) -> dict:
     from specplan.engine.io import store  # noqa: F401  the engine's code as a run imports it (measure -> io/model)
     from specplan.engine.model import forward  # noqa: F401
     from specplan.engine.measure.overheads import DEPTHS, tiny_decode
+    from specplan.engine.model.blocked import available
 
-    step, _, tensors = tiny_decode(DEPTHS[0], device, "float32")
+    # in the plans' compute dtype, blocked where a run blocks: the kernels' code and caches are a run's too
+    step, _, tensors = tiny_decode(DEPTHS[0], device, dtype, device == "cpu" and available(dtype))
     for _ in range(3):
         step()
     if device == "cuda":
@@ -49,10 +51,12 @@ def _child(device: str) -> dict:
     return {"peak_rss_bytes": peak_rss_bytes(), "tensor_bytes": tensors, "torch": torch.__version__}
 
 
-def measure_process_resident(device: str = "cpu", timeout_s: float = 300) -> tuple[int, str]:
+def measure_process_resident(device: str = "cpu", timeout_s: float = 300,
+                             dtype: str = "float32") -> tuple[int, str]:
     """(bytes, note): the engine process's resident bytes outside the plan's tensors, measured in a fresh process,
     with ``MARGIN``."""
-    code = f"import json; from specplan.engine.measure.resident import _child; print(json.dumps(_child({device!r})))"
+    code = (f"import json; from specplan.engine.measure.resident import _child; "
+            f"print(json.dumps(_child({device!r}, {dtype!r})))")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, env=env,
                           check=False)
@@ -63,7 +67,7 @@ def measure_process_resident(device: str = "cpu", timeout_s: float = 300) -> tup
     own = max(got["peak_rss_bytes"] - got["tensor_bytes"], 0)
     total = int(own + max(MARGIN * own, MARGIN_MIN_BYTES))
     note = (f"process_resident_bytes = peak RSS {got['peak_rss_bytes'] >> 20} MiB of a fresh process that imported "
-            f"torch {got['torch']}, transformers, scipy, pandas, matplotlib and the engine and ran a tiny forward on {device}, minus its "
+            f"torch {got['torch']}, transformers, scipy, pandas, matplotlib and the engine and ran a tiny {dtype} forward on {device}, minus its "
             f"{got['tensor_bytes'] >> 10} KiB of tensors, plus max({MARGIN:.0%}, {MARGIN_MIN_BYTES >> 20} MiB) for "
             f"what a real run adds")
     return total, note
