@@ -169,6 +169,12 @@ def _steps_compute(config: ProfileConfig, dtypes: list[str], blocked: bool) -> i
             + pc.attention_steps(len(c.attention_kv_bytes), c.reps) + 1)
 
 
+def plans_dtype(dtypes: list[str]) -> str:
+    """The compute dtype the fixed costs, decode attention and the stream's slowdown are measured in: bfloat16 where
+    it is profiled (plans on this CPU run at it: its matmuls are the faster and its bytes half), else float32."""
+    return "bfloat16" if "bfloat16" in dtypes else "float32"
+
+
 def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: str, memory_bytes: int,
                  ticker: Ticker, blocked: bool = False) -> tuple[ComputeUnit, list[str]]:
     """Matmul curves (``blocked``: also the blocked kernel's, ``compute.matmul_curves``), decode attention and
@@ -180,7 +186,7 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
                               ticker, blocked)
     spec = _attention_spec(c)
     attention = pc.attention_curve(spec, c.attention_kv_bytes, device, c.reps, c.min_sample_s, c.working_set_bytes,
-                                   ticker)
+                                   ticker, plans_dtype(dtypes))
     membw, note = pc.memory_bandwidth(device, c.membw_bytes, c.reps, c.min_sample_s)
     ew_dtypes = [d for d in ("float32", "bfloat16", "float16") if d in dtypes]
     elementwise = {d: pc.elementwise_rate(d, device, c.reps, c.min_sample_s) for d in ew_dtypes}
@@ -190,8 +196,8 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
         matmul=matmul, decode_attention_Bps=attention, elementwise_Bps=elementwise, threads=None if device == "cuda" else torch.get_num_threads(),
     )
     notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
-                   f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), float32, one sequence "
-                   f"per call",
+                   f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), {plans_dtype(dtypes)}, "
+                   f"one sequence per call",
              *([f"matmul blocked: {', '.join(b)} weights in oneDNN's blocked layout, reordered once (the engine's "
                 f"resident weights, engine/model/blocked.py)"] if (b := pc.blocked_dtypes(dtypes, blocked)) else []),
              f"elementwise_Bps: the engine's elementwise code of one MoE layer ({', '.join(ew_dtypes)}, "
@@ -264,7 +270,7 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         notes.append("no GPU: the CPU was measured once and its figures serve as both device and host "
                      "(shared memory: host->device is zero copy, so there are no h2d/d2h links)")
         links = {}
-    compute = "bfloat16" if "bfloat16" in dtypes["device"][0] else "float32"
+    compute = plans_dtype(dtypes["device"][0])
     overheads, oh_note = measure_overheads(c.device, compute, c.reps, c.min_sample_s)
     notes.append(oh_note)
     try:
@@ -275,7 +281,7 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         notes.append(f"process_resident_bytes not measured ({e}): plans use the default for the device kind")
     ticker.tick("overheads")
     slowdown: list[Stat] = []
-    probe_dtype = "bfloat16" if "bfloat16" in dtypes["device"][0] else "float32"
+    probe_dtype = plans_dtype(dtypes["device"][0])
 
     def interference(path: Path) -> None:
         if not cuda:  # a GPU computes apart from the host's disk
