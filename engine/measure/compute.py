@@ -160,8 +160,8 @@ def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[
 
 
 def decode_attention(q, k, v, mask):
-    """Decode attention exactly as the engine computes it: ``specplan.engine.model.forward.attend`` (SDPA with a boolean mask,
-    GQA over ``q.shape[1] // k.shape[1]`` query heads per KV head)."""
+    """Decode attention exactly as the engine computes it: ``specplan.engine.model.forward.attend`` (SDPA with a
+    boolean mask ``[1, 1, groups, L]``, GQA over ``groups = q.shape[1] // k.shape[1]`` query heads per KV head)."""
     from specplan.engine.model.forward import attend
 
     return attend(q, k, v, mask, q.shape[1] // k.shape[1], q.shape[-1])
@@ -193,7 +193,7 @@ def attention_curve(
         shape = (1, spec.num_kv_heads, seq, spec.head_dim)
         caches = [tuple(torch.empty(shape, device=device, dtype=dt).uniform_(-1, 1) for _ in "kv")
                   for _ in range(copies_for(int(seq * per_token), working_set_bytes))]
-        mask = torch.ones((1, 1, 1, seq), dtype=torch.bool, device=device)
+        mask = torch.ones((1, 1, spec.num_heads // spec.num_kv_heads, seq), dtype=torch.bool, device=device)
         kvs = cycle(caches)
 
         def one():
@@ -231,13 +231,14 @@ EW_ROWS = (128, 512)
 
 
 def elementwise_rate(dtype: str, device: str, reps: int, min_sample_s: float) -> Stat:
-    """The engine's elementwise work of one MoE layer (``forward``'s rms_norm and rope, the residuals, and per routed
-    expert the row gather, the bucket padding, silu * up, the routing weight and the scatter-add), as the layer's
-    matmul activation bytes (``contracts.rows``) per second: min / median / max over ``EW_ROWS``."""
+    """The engine's elementwise work of one MoE layer (``forward``'s rms_norm and rope, the residuals, the routed
+    rows sorted and gathered once (``forward.dispatch``), per expert its bucket padding and silu * up, the routing
+    weights and the scatter-add), as the layer's matmul activation bytes (``contracts.rows``) per second: min /
+    median / max over ``EW_ROWS``."""
     import torch
     import torch.nn.functional as F
 
-    from specplan.engine.model.forward import apply_rope, rms_norm
+    from specplan.engine.model.forward import apply_rope, dispatch, rms_norm
 
     g = EW_GEOMETRY
     dt = _torch_dtype(dtype)
@@ -254,9 +255,9 @@ def elementwise_rate(dtype: str, device: str, reps: int, min_sample_s: float) ->
         cos, sin = rand(1, 1, m, hd), rand(1, 1, m, hd)
         chosen = torch.stack([torch.randperm(g["experts"], generator=gen)[: g["top_k"]] for _ in range(m)]).to(device)
         weights = rand(m, g["top_k"])
-        routed = [torch.where(chosen == e) for e in range(g["experts"])]
-        ffn = [(rand(bucket_rows(len(t)), g["intermediate"]), rand(bucket_rows(len(t)), g["intermediate"]),
-                rand(bucket_rows(len(t)), g["hidden"])) for t, _ in routed]
+        counts = torch.bincount(chosen.reshape(-1), minlength=g["experts"]).tolist()
+        ffn = [(rand(bucket_rows(n), g["intermediate"]), rand(bucket_rows(n), g["intermediate"]),
+                rand(bucket_rows(n), g["hidden"])) for n in counts if n]
 
         def layer():
             rms_norm(x, wn, 1e-5)
@@ -264,11 +265,14 @@ def elementwise_rate(dtype: str, device: str, reps: int, min_sample_s: float) ->
             y = x + o
             h = rms_norm(y, wn, 1e-5)
             out = torch.zeros_like(h)
-            for (tok, slot), (gate, up, down) in zip(routed, ffn):
-                n = len(tok)
-                F.pad(h[tok], (0, 0, 0, bucket_rows(n) - n))
+            rows, weight, token, _ = dispatch(h, weights, chosen, g["experts"])
+            ys, start = [], 0
+            for n, (gate, up, down) in zip((n for n in counts if n), ffn):
+                F.pad(rows[start:start + n], (0, 0, 0, bucket_rows(n) - n))
                 F.silu(gate) * up
-                out.index_add_(0, tok, down[:n] * weights[tok, slot, None])
+                ys.append(down[:n])
+                start += n
+            out.index_add_(0, token, torch.cat(ys) * weight)
             return y + out
 
         seconds = sample_seconds(layer, reps, min_sample_s, cuda=device == "cuda")

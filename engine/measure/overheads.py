@@ -79,7 +79,7 @@ def tiny_decode(layers: int, device: str, dtype: str, blocked: bool = False, wid
     x, inner = torch.zeros((1, 1, h), dtype=dt, device=device), torch.zeros((1, 1, spec.intermediate_size), dtype=dt,
                                                                                device=device)
     q, o = torch.zeros((1, nh, 1, d), dtype=dt, device=device), torch.zeros((1, 1, nh * d), dtype=dt, device=device)
-    mask = torch.ones((1, 1, 1, ctx + 1), dtype=torch.bool, device=device)
+    mask = torch.ones((1, 1, nh // nkv, ctx + 1), dtype=torch.bool, device=device)
     inputs = {"attn.q": x, "attn.k": x, "attn.v": x, "attn.o": o, "mlp.gate": x, "mlp.up": x, "mlp.down": inner}
 
     def matmuls() -> None:

@@ -146,26 +146,29 @@ def inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 
 def rope_tables(freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin ``[B, 1, T, head_dim]`` for integer ``positions [B, T]`` (computed in float32)."""
+    """cos and signed sin ``[B, 1, T, head_dim]`` for integer ``positions [B, T]`` (computed in float32): the sin's
+    first half negated, as ``apply_rope`` takes it."""
     angles = positions[..., None].float() * freq.to(positions.device)
-    emb = torch.cat((angles, angles), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """``x * cos + rotate_half(x) * sin`` with ``sin`` from ``rope_tables`` (its first half negated), so the rotation
+    is one roll: ``rotate_half(x) * sin == roll(x) * signed_sin`` exactly (negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None) -> torch.Tensor:
-    """Boolean ``[B, 1, T, kv_len]``: query at position p sees keys j <= p (and j > p - window)."""
+def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None, groups: int = 1) -> torch.Tensor:
+    """Boolean ``[B, 1, groups * T, kv_len]``: query at position p sees keys j <= p (and j > p - window); each
+    query row repeated for the ``groups`` query heads that share a KV head (the rows ``attend`` stacks)."""
     j = torch.arange(kv_len, device=positions.device)
     p = positions[:, :, None]
     mask = j <= p
     if sliding_window:
         mask &= j > p - sliding_window
-    return mask[:, None]
+    B, T, L = mask.shape
+    return mask[:, None, None].expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
 
 
 def _linear(x, w, b=None):
@@ -230,16 +233,14 @@ def forward(spec: ModelSpec, src: WeightSource, kv, tokens: torch.Tensor, num_ne
     positions = kv.lengths[:, None] + torch.arange(T)  # [B, T], CPU
     kv_len = min(int(positions.max()) + 1, kv.capacity)
     cos, sin = rope_tables(inv_freq(spec), positions.to(x.device), x.dtype)
-    mask = attention_mask(positions, kv_len, spec.sliding_window)
-    ctx = _Context(spec, kv, num_new, real_rows, rows, cos, sin, mask, kv_len, tracer)
+    mask = attention_mask(positions, kv_len, spec.sliding_window, spec.num_heads // spec.num_kv_heads)
+    ctx = _Context(spec, kv, num_new, real_rows, rows, cos, sin, mask, kv_len, kv.slots(num_new, T), tracer)
 
     for i in range(spec.num_layers):
         w = src.layer(i)
         x = attention_block(ctx, i, x, w, _resource(attention_resource, i))
         if spec.is_moe_layer(i):
-            y = moe_ffn(ctx, i, x, w, src, lambda e, i=i: _resource(experts_resource, i, e))
-            with _span(tracer, f"L{i}.moe_combine", "device_compute", i, 0, 3 * _nbytes(x)):
-                x = x + _scatter_rows(y, real_rows, B, T)
+            x = moe_ffn(ctx, i, x, w, src, lambda e, i=i: _resource(experts_resource, i, e))
         else:
             with _span(tracer, f"L{i}.mlp", "device_compute", i, 2 * rows * spec.tensors.matmul_params("mlp", i),
                        _nbytes(*(w.get(f"mlp.{p}") for p in ("gate", "up", "down")))):
@@ -256,9 +257,10 @@ def forward(spec: ModelSpec, src: WeightSource, kv, tokens: torch.Tensor, num_ne
 class _Context:
     """What every layer of one forward shares."""
 
-    def __init__(self, spec, kv, num_new, real_rows, rows, cos, sin, mask, kv_len, tracer):
+    def __init__(self, spec, kv, num_new, real_rows, rows, cos, sin, mask, kv_len, slots, tracer):
         self.spec, self.kv, self.num_new, self.real_rows, self.rows = spec, kv, num_new, real_rows, rows
-        self.cos, self.sin, self.mask, self.kv_len, self.tracer = cos, sin, mask, kv_len, tracer
+        self.cos, self.sin, self.mask, self.kv_len, self.slots, self.tracer = cos, sin, mask, kv_len, slots, tracer
+        self.attention_cost = _attention_cost(spec, kv, num_new) if tracer is not None else (0.0, 0.0)
 
 
 def ffn_input(ctx: _Context, x: torch.Tensor, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -296,9 +298,9 @@ def attention_block(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torc
             q, k = rms_norm(q, w["attn.q_norm"], spec.rms_norm_eps), rms_norm(k, w["attn.k_norm"], spec.rms_norm_eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        ctx.kv.write(i, k, v, ctx.num_new)
+        ctx.kv.write(i, k, v, ctx.slots)
     keys, values = ctx.kv.view(i, ctx.kv_len)
-    with _span(tracer, f"L{i}.attention", resource, i, *_attention_cost(ctx, keys)):
+    with _span(tracer, f"L{i}.attention", resource, i, *ctx.attention_cost):
         o = attend(q, keys, values, ctx.mask, nh // nkv, hd)
     out_flops = 2 * ctx.rows * table[f"layers.{i}.attn.o"].params
     with _span(tracer, f"L{i}.attn_proj", "device_compute", i, out_flops, _nbytes(w["attn.o"], w.get("attn.o_bias"))):
@@ -309,7 +311,7 @@ def attention_block(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torc
 
 def attend(q, keys, values, mask, groups: int, head_dim: int) -> torch.Tensor:
     """Scaled dot-product attention of ``q [B, heads, T, d]`` over ``keys``/``values [B, kv_heads, L, d]`` with a
-    boolean ``mask [B|1, 1, T, L]``, on the device of the cache.
+    boolean ``mask [B|1, 1, groups * T, L]`` (``attention_mask``), on the device of the cache.
 
     GQA: the ``groups`` query heads that share a KV head are stacked as ``groups * T`` query rows of that KV head
     (query head h uses KV head h // groups, as in transformers' ``repeat_kv``), so the cache is read in place instead
@@ -319,55 +321,64 @@ def attend(q, keys, values, mask, groups: int, head_dim: int) -> torch.Tensor:
     q = q.to(dev)
     keys, values = keys.to(q.dtype), values.to(q.dtype)
     B, heads, T, d = q.shape
-    if groups > 1:
-        q = q.reshape(B, heads // groups, groups * T, d)
-        mb, mh, _, L = mask.shape
-        mask = mask[:, :, None].expand(mb, mh, groups, T, L).reshape(mb, mh, groups * T, L)
+    q = q.reshape(B, heads // groups, groups * T, d)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(dev), scale=head_dim ** -0.5)
     return out.view(B, heads, T, d)
 
 
-def _attention_cost(ctx: _Context, keys: torch.Tensor) -> tuple[float, float]:
-    """FLOPs (ModelSpec's per-token attention FLOPs over each token's context) and KV bytes read."""
-    if ctx.tracer is None:
-        return 0.0, 0.0
-    spec, n = ctx.spec, ctx.num_new
-    before = ctx.kv.lengths  # not yet advanced
-    positions = int(causal_positions(n, before).sum())  # sum over real tokens of the keys they see
+def _attention_cost(spec: ModelSpec, kv, num_new: torch.Tensor) -> tuple[float, float]:
+    """One layer's attention FLOPs (ModelSpec's per-token attention FLOPs over each token's context) and KV bytes
+    read, the same in every layer of one forward (before ``kv.advance``)."""
+    before = kv.lengths
+    positions = int(causal_positions(num_new, before).sum())  # sum over real tokens of the keys they see
     flops = spec.attention_flops_per_token(positions) / spec.num_layers
-    read = kv_bytes(spec, str(keys.dtype).removeprefix("torch."), 1, int((before + n).sum()), layers=1)
+    read = kv_bytes(spec, str(kv.k[0].dtype).removeprefix("torch."), 1, int((before + num_new).sum()), layers=1)
     return flops, read
 
 
 def moe_ffn(ctx: _Context, i: int, x: torch.Tensor, w: Mapping[str, torch.Tensor], src: WeightSource,
             expert_resource: Callable[[int], str]) -> torch.Tensor:
     """Norm, route, fetch only the routed experts, run each on its tokens and add it in with its routing weight;
-    plus the gated shared expert. Returns ``[N, H]`` for the N real tokens."""
+    plus the gated shared expert. Returns ``x`` with the layer's output added (the residual)."""
     spec, tracer = ctx.spec, ctx.tracer
     act = ACTIVATIONS[spec.hidden_act]
     n = ctx.rows
     with _span(tracer, f"L{i}.router", "device_compute", i, 2 * n * spec.tensors.matmul_params("norms_router", i), _nbytes(w["router"])):
         h = ffn_input(ctx, x, w)
         weights, chosen = route(h, w["router"], spec.experts_per_token, spec.norm_topk_prob)
-        ids = torch.unique(chosen).tolist()
+        rows_sorted, weight_sorted, token, counts = dispatch(h, weights, chosen, spec.num_experts)
+    ids = [e for e, m in enumerate(counts) if m]
     out = torch.zeros_like(h)
     if spec.shared_expert_intermediate_size:
         with _span(tracer, f"L{i}.shared", "device_compute", i, 2 * n * spec.tensors.matmul_params("shared_experts", i),
                    _nbytes(*(w[f"shared.{p}"] for p in ("gate", "up", "down")), w["shared_gate"])):
             out += torch.sigmoid(_linear(h, w["shared_gate"])) * gated_ffn(h, w, act, "shared.")
     experts = src.experts(i, ids)
+    ys, start = [], 0
     for e in ids:
-        tok, slot = torch.where(chosen == e)
-        m = len(tok)
+        m = counts[e]
         padded = bucket_rows(m)  # a row count oneDNN has built a kernel for (see specplan.contracts.rows)
         ew = experts[e]  # a lazy source may block here until this expert's bytes have arrived
         with _span(tracer, f"L{i}.E{e}", expert_resource(e), i, 2 * padded * spec.tensors.matmul_params("experts", i, e),
                    _nbytes(ew["gate"], ew["up"], ew["down"])):
             dev = ew["gate"].device
-            rows = F.pad(h[tok], (0, 0, 0, padded - m)) if padded > m else h[tok]
-            y = gated_ffn(rows.to(dev), ew, act)[:m].to(h.device)
-            out.index_add_(0, tok, y * weights[tok, slot, None])
-    return out
+            rows = rows_sorted[start:start + m]
+            rows = F.pad(rows, (0, 0, 0, padded - m)) if padded > m else rows
+            ys.append(gated_ffn(rows.to(dev), ew, act)[:m].to(h.device))
+        start += m
+    with _span(tracer, f"L{i}.moe_combine", "device_compute", i, 0, 3 * _nbytes(x)):
+        out.index_add_(0, token, torch.cat(ys) * weight_sorted)
+        return x + _scatter_rows(out, ctx.real_rows, *x.shape[:2])
+
+
+def dispatch(h: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, num_experts: int):
+    """The routed (token, slot) pairs sorted by expert, once per layer: their rows of ``h [N, H]`` gathered in that
+    order, their routing weights ``[N*k, 1]``, their tokens ``[N*k]`` (for the scatter-add) and the pairs per expert
+    (a list), so each expert takes a slice: its work is its three matmuls, not a search and a gather."""
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // chosen.shape[1]
+    return h[token], weights.reshape(-1)[order, None], token, torch.bincount(flat, minlength=num_experts).tolist()
 
 
 def route(h: torch.Tensor, router: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

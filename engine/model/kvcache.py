@@ -70,22 +70,29 @@ class KVCache:
             raise SpecplanError(f"KV cache full: sequence {b} needs {int(need[b])} positions, capacity is "
                                 f"{self.capacity}; allocate a larger cache (prompt length + new tokens)")
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, num_new: torch.Tensor) -> None:
-        """Store the new keys/values ``[B, kv_heads, T, head_dim]`` of ``layer`` at positions ``lengths[b] + t``
-        for the real tokens ``t < num_new[b]`` (padding is not stored)."""
-        B, _, T, _ = k_new.shape
-        k_dst, v_dst = self.k[layer], self.v[layer]
+    def slots(self, num_new: torch.Tensor, T: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """Where one forward's ``T`` new tokens per row go, the same in every layer: the (batch rows, positions)
+        of the real ones (``lengths[b] + t`` for ``t < num_new[b]``), and which of the ``[B, T]`` are real (None:
+        all). Computed once per forward, before ``advance``."""
+        B = self.batch
         t = torch.arange(T)
         pos = self.lengths[:, None] + t  # [B, T]
+        rows = torch.arange(B)[:, None].expand(B, T)
         if bool((num_new == T).all()):
-            rows = torch.arange(B)[:, None].expand(B, T)
-            sel = (rows.to(k_dst.device), pos.to(k_dst.device))
-            k_src, v_src = k_new.transpose(1, 2), v_new.transpose(1, 2)  # [B, T, H, D]
-        else:
-            real = t[None, :] < num_new[:, None]
-            rows = torch.arange(B)[:, None].expand(B, T)[real]
-            sel = (rows.to(k_dst.device), pos[real].to(k_dst.device))
-            k_src, v_src = k_new.transpose(1, 2)[real.to(k_new.device)], v_new.transpose(1, 2)[real.to(k_new.device)]
+            return (rows, pos), None
+        real = t[None, :] < num_new[:, None]
+        return (rows[real], pos[real]), real
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              slots: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]) -> None:
+        """Store the new keys/values ``[B, kv_heads, T, head_dim]`` of ``layer`` at ``slots`` (``slots(num_new,
+        T)``: padding is not stored)."""
+        (rows, pos), real = slots
+        k_dst, v_dst = self.k[layer], self.v[layer]
+        k_src, v_src = k_new.transpose(1, 2), v_new.transpose(1, 2)  # [B, T, H, D]
+        if real is not None:
+            k_src, v_src = k_src[real.to(k_new.device)], v_src[real.to(k_new.device)]
+        sel = (rows.to(k_dst.device), pos.to(k_dst.device))
         k_dst.transpose(1, 2).index_put_(sel, k_src.to(k_dst.device, k_dst.dtype))
         v_dst.transpose(1, 2).index_put_(sel, v_src.to(v_dst.device, v_dst.dtype))
 
