@@ -18,6 +18,7 @@ from specplan.contracts.model import ModelSpec, from_hf_config
 from specplan.errors import SpecplanError
 from specplan.gguf import is_gguf, load_gguf_spec
 from specplan.jsonio import load, read_json
+from specplan.machine import here
 
 
 def _bundled(kind: str) -> Path:
@@ -119,10 +120,25 @@ def measured_profiles() -> list[Path]:
     return sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def current_profiles() -> list[Path]:
+    """This machine's measured profiles that are neither stale nor foreign (measured on another CPU or with other
+    engine code, ``Provenance.foreign``), newest first; unreadable ones are left out."""
+    out = []
+    for path in measured_profiles():
+        try:
+            pv = load(HardwareProfile, path).provenance
+        except SpecplanError:
+            continue
+        if not pv.stale() and not pv.foreign(*here()):
+            out.append(path)
+    return out
+
+
 def profile_path(name_or_path: str | None) -> Path:
-    """Resolve a profile argument; None means the newest measured profile of this machine."""
+    """Resolve a profile argument; None means this machine's newest current profile (``current_profiles``), else
+    its newest measured one (whose warnings then say why it is not current)."""
     if name_or_path is None:
-        found = measured_profiles()
+        found = current_profiles() or measured_profiles()
         if not found:
             raise SpecplanError(
                 f"no measured profile of this machine in {user_profiles_dir()}: run `specplan profile --quick` "

@@ -1,22 +1,27 @@
 """A profile knows how clean and how old it is: a contended measurement is made again, then refused as this
 machine's profile (kept only with -o, marked contended); ``profile --show`` prints age and cleanliness; plans on a
-stale or contended profile say so. The contention probe is injected: no real load, no real measurement."""
+stale or contended profile say so; a profile of another CPU or other engine code is foreign, and the default profile
+is the newest current one. The contention probe is injected: no real load, no real measurement."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 from planner_fixtures import cpu_profile
 
-from specplan.catalog import contended_profiles, user_profiles_dir
+from specplan.catalog import contended_profiles, current_profiles, profile_path, user_profiles_dir
 from specplan.cli import main
 from specplan.contracts.hardware import CONTENDED_CPU_FRACTION, STALE_PROFILE_S, HardwareProfile, Provenance
 from specplan.engine.measure import profiler
 from specplan.engine.measure.profiler import MEASURE_ATTEMPTS, ProfileConfig, measure_this_machine
 from specplan.errors import ContractError
 from specplan.jsonio import load, write_json
+from specplan.machine import engine_digest, here
 
 GOLDEN_TARGET = "tests/golden/demo-target.json"
 
@@ -157,3 +162,51 @@ def test_provenance_round_trip_and_range(tmp_path):
     bad.write_text(__import__("json").dumps(doc))
     with pytest.raises(ContractError, match="others_cpu_fraction"):
         load(HardwareProfile, bad)
+
+
+def foreign_of(cpu: str | None, digest: str | None, days_ago: float = 0.0) -> HardwareProfile:
+    p = profile_of(days_ago)
+    return p.model_copy(update={"provenance": p.provenance.model_copy(update={"cpu_name": cpu,
+                                                                              "engine_digest": digest})})
+
+
+def test_a_profile_of_another_cpu_or_other_engine_code_is_foreign():
+    cpu, digest = here()
+    assert foreign_of(cpu, digest).provenance.foreign(cpu, digest) == []
+    assert foreign_of(None, None).provenance.foreign(cpu, digest) == []  # not recorded: nothing to compare
+    other_cpu = foreign_of("Intel Xeon (2 logical cores)", digest).provenance.foreign(cpu, digest)
+    assert len(other_cpu) == 1 and "another CPU (Intel Xeon" in other_cpu[0]
+    other_code = foreign_of(cpu, "0123456789abcdef").provenance.warnings(here=(cpu, digest))
+    assert len(other_code) == 1 and "other engine code (digest 0123456789abcdef" in other_code[0]
+    assert Provenance(kind="published", created_utc=utc(0), source="x", cpu_name="y").foreign(cpu, digest) == []
+
+
+def test_the_default_profile_is_the_newest_current_one():
+    """A newer profile of other engine code (or another CPU, or stale) is passed over for an older current one;
+    with none current, the newest measured one is used and its warnings say why."""
+    cpu, digest = here()
+    d = user_profiles_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, (name, p) in enumerate([("current", foreign_of(cpu, digest, 1.0)),
+                                   ("stale", foreign_of(cpu, digest, 30.0)),
+                                   ("other-cpu", foreign_of("Intel Xeon (2 logical cores)", digest)),
+                                   ("other-code", foreign_of(cpu, "0123456789abcdef"))]):
+        paths[name] = write_json(d / f"{name}.json", p.model_copy(update={"name": name}))
+        os.utime(paths[name], (1e9 + i, 1e9 + i))  # file times: "other-code" is the newest
+    try:
+        assert current_profiles() == [paths["current"]] and profile_path(None) == paths["current"]
+        paths["current"].unlink()
+        assert current_profiles() == [] and profile_path(None) == paths["other-code"]
+        r = run("profile", "--show", "other-code")
+        assert r.exit_code == 0 and "warning: the profile was measured with other engine code" in r.output
+    finally:
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+
+
+def test_the_engine_digest_follows_the_engine_code():
+    assert len(engine_digest()) == 16 and engine_digest() == here()[1]
+    assert engine_digest() == subprocess.run(
+        [sys.executable, "-c", "from specplan.machine import engine_digest; print(engine_digest())"],
+        capture_output=True, text=True, check=True).stdout.strip()

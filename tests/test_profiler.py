@@ -24,6 +24,7 @@ from specplan.engine.measure.timing import CpuUsage, Ticker, interleaved_seconds
 from specplan.engine.measure.profiler import ProfileConfig, measure_profile
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_json
+from specplan.machine import here
 
 GB = 1e9
 
@@ -55,6 +56,7 @@ def test_schema_roundtrip_and_content(profile, runs, tmp_path):
     assert again == profile
     pv = profile.provenance
     assert pv.kind == "measured" and pv.torch_version == torch.__version__ and pv.hostname and pv.cpu_name
+    assert (pv.cpu_name, pv.engine_digest) == here() and pv.foreign(*here()) == []
     assert "shared memory" in pv.notes and pv.source is None
     # no GPU here: one CPU measured once serves as device and host, no host<->device links
     assert profile.shared_memory and profile.device == profile.host and profile.device.kind == "cpu"

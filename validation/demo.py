@@ -47,7 +47,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
     """The six steps, ``vram`` in GiB; ``say`` prints the step headings (rich markup). A demo run again into the
     same folder (after a ``kill -9``, say) keeps the runs that finished there with the same plan, prompts and
     length and runs only the others; ``fresh`` runs everything again."""
-    from specplan.catalog import contended_profiles, measured_profiles
+    from specplan.catalog import contended_profiles, current_profiles, measured_profiles
     from specplan.engine.build.models import build_demo
 
     out = Path(out_dir)
@@ -57,8 +57,9 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
                                                            else " (cached)"))
 
     say("[bold]2/6 hardware profile[/bold]")
-    if profile_arg is None and not measured_profiles():
-        say("no measured profile of this machine yet: measuring one (specplan profile --quick)")
+    if profile_arg is None and not current_profiles():
+        say("no current profile of this machine (measured on this CPU, with this engine code, in the last week): "
+            "measuring one (specplan profile --quick)")
         if subprocess.run([sys.executable, "-m", "specplan", "profile", "--quick"]).returncode != 0:
             if not contended_profiles():
                 raise SpecplanError("the demo needs this machine's profile and `specplan profile --quick` did not "
@@ -66,7 +67,7 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
             say(f"[bold yellow]the machine was busy: this demo plans on the refused, contended measurement "
                 f"{contended_profiles()[0]} (not stored as this machine's profile); its predictions are off by "
                 f"what the other processes took, and every run's drift report says so[/bold yellow]")
-    prof = profile_arg or str((measured_profiles() or contended_profiles())[0])
+    prof = profile_arg or str((current_profiles() or contended_profiles() or measured_profiles())[0])
     say(f"profile {prof}")
 
     texts = read_prompts(None)

@@ -34,6 +34,7 @@ from specplan.contracts.model import dtype_bytes
 from specplan.contracts.plan import Plan
 from specplan.contracts.timeline import Event, Timeline, merged_busy_s
 from specplan.engine.execute.results import decode_windows
+from specplan.machine import here
 from specplan.planner.cost import compute_dtype, compute_unit, elementwise_rate, physical_resource
 from specplan.planner.predict import mean_decode_context
 from specplan.planner.program import decode_round, op_times, streaming_factor
@@ -331,7 +332,7 @@ def drift_report(plan: Plan, out, report: dict[str, Any]) -> dict[str, Any]:
         "threshold": DRIFT_THRESHOLD,
         "figures": rows,
         "drifted": [r["figure"] for r in rows if r["drifted"]],
-        "profile_warnings": plan.profile.provenance.warnings(),
+        "profile_warnings": plan.profile.provenance.warnings(here=here()),
         "predicted_at_profile": {k: report["predicted"][k] for k in AT_ACCEPTANCE},
         "predicted_at_observed_rates": {k: getattr(at, k) for k in AT_ACCEPTANCE},
         "signed_error_at_profile": {k: report["signed_error"][k] for k in AT_ACCEPTANCE},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from specplan.engine.measure.resident import measure_process_resident
 from specplan.engine.measure.timing import CpuUsage, Ticker
 from specplan.errors import SpecplanError
 from specplan.fmt import GiB, KiB, MiB
+from specplan.machine import cpu_name, engine_digest
 
 
 def _pow(lo: int, hi: int, step: int) -> tuple[int, ...]:
@@ -137,19 +137,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo, else ``platform``) and its logical core count."""
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
 
 
 def host_memory_bytes() -> int:
@@ -309,6 +296,7 @@ def _measure(c: ProfileConfig, on_tick: Callable[[str, int, int], None] | None) 
         kind="measured", created_utc=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=c.command or f"measure_profile(ProfileConfig.{c.preset}(device={c.device!r}))",
         torch_version=torch.__version__, hostname=hostname, device_name=device.name, cpu_name=cpu,
+        engine_digest=engine_digest(),
         notes="; ".join(notes + list(c.notes)),
     )
     return HardwareProfile(name=name, provenance=provenance, device=device, host=host, shared_memory=not cuda,

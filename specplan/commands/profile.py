@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from specplan.errors import SpecplanError
+from specplan.machine import here
 
 #: transfer sizes the table shows for every link (measured or published).
 SHOW_SIZES = (64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20)
@@ -170,6 +171,8 @@ def print_profile(p) -> None:
         stale = f" (stale: older than {STALE_PROFILE_S / 86400:.0f} days, re-measure it)" if pv.stale() else ""
         con.print(("age unknown" if age is None else f"measured {_age_words(age)} ago{stale}")
                   + f"; {pv.cleanliness()}", highlight=False, markup=False)
+        for line in pv.foreign(*here()):
+            con.print(f"warning: {line}", highlight=False, markup=False)
     if pv.command:
         con.print(f"command: {pv.command}")
     if pv.source:

@@ -9,6 +9,7 @@ import click
 
 from specplan.commands._params import GIB, sampling_of, sampling_options
 from specplan.contracts.plan import MAX_PROMPTS, MAX_TOKENS, Sampling
+from specplan.machine import here
 from specplan.planner.dtypes import ENGINE_DTYPES
 
 DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
@@ -69,7 +70,7 @@ def command(model, vram, ram, disk, profile_arg, drafts, acceptance, calibration
                    num_prompts, top, _command_line(), sampling_of(Sampling(), temperature, top_p, top_k, seed), dtype)
     result = search(ask)
     click.echo("\n".join(search_lines(ask, result, time.perf_counter() - t0)))
-    for line in ask.profile.provenance.warnings():
+    for line in ask.profile.provenance.warnings(here=here()):
         click.echo(f"warning: {line}")
     best = result.plans[0]
     if explain:

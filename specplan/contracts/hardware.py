@@ -285,6 +285,9 @@ class Provenance(Strict):
     #: measured profiles: the share of all CPUs' time other processes (and the hypervisor's steal) used while the
     #: profile was measured (None: not recorded); above ``CONTENDED_CPU_FRACTION`` the profile is contended.
     others_cpu_fraction: float | None = Field(None, ge=0, le=1)
+    #: measured profiles: the digest of the engine code whose fixed costs were timed (``specplan.machine``;
+    #: None: not recorded)
+    engine_digest: str | None = None
     #: a profile refitted on measured runs: its figures, the runs, when (None: the figures as measured)
     calibration: CalibrationFit | None = None
 
@@ -322,11 +325,27 @@ class Provenance(Strict):
         return (f"{verdict}: other processes used {self.others_cpu_fraction:.0%} of the CPUs while measuring "
                 f"(contended above {CONTENDED_CPU_FRACTION:.0%})")
 
-    def warnings(self, now: dt.datetime | None = None) -> list[str]:
-        """One line each when a measured profile is contended or older than ``STALE_PROFILE_S``; none otherwise."""
+    def foreign(self, cpu_name: str, engine_digest: str) -> list[str]:
+        """What differs between where this measured profile was taken and ``cpu_name`` / ``engine_digest`` (this
+        machine's, ``specplan.machine``), one line each: its figures are another CPU's, or its fixed costs another
+        engine's. Empty for published profiles and figures not recorded."""
         if self.kind != "measured":
             return []
         out = []
+        if self.cpu_name and self.cpu_name != cpu_name:
+            out.append(f"the profile was measured on another CPU ({self.cpu_name}; this one is {cpu_name}): "
+                       f"re-measure it here (specplan profile)")
+        if self.engine_digest and self.engine_digest != engine_digest:
+            out.append(f"the profile was measured with other engine code (digest {self.engine_digest}, this "
+                       f"engine's {engine_digest}): its fixed costs may have changed; re-measure it (specplan profile)")
+        return out
+
+    def warnings(self, now: dt.datetime | None = None, here: tuple[str, str] | None = None) -> list[str]:
+        """One line each when a measured profile is contended, older than ``STALE_PROFILE_S``, or (``here``: this
+        machine's CPU name and engine digest) ``foreign``; none otherwise."""
+        if self.kind != "measured":
+            return []
+        out = self.foreign(*here) if here else []
         if self.contended:
             out.append(f"the profile was measured while other processes used {self.others_cpu_fraction:.0%} of the "
                        f"CPUs (contended): its figures may be low; re-measure on an idle machine (specplan profile)")
