@@ -59,7 +59,7 @@ def compute_time_s(op: Op, unit: ComputeUnit, per_op_s: float) -> float:
         t_flop = op.flops / unit.matmul_flops(compute_dtype(unit, op.dtype), m, k, n, op.blocked)
     if op.kind == "attention" and op.bytes and unit.decode_attention_Bps is not None:
         # attention streams the KV cache: its achieved rate is measured over the KV bytes of one call
-        t_mem = op.bytes / unit.decode_attention_Bps.at(op.bytes / max(op.calls, 1))
+        t_mem = unit.attention_time_s(op.bytes, op.calls, op.dtype)
     ew = elementwise_rate(unit, op.dtype)
     if op.kind == "elementwise" and op.bytes and ew is not None:
         t_mem = op.bytes / ew

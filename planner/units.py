@@ -264,7 +264,7 @@ def kv_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
     def attn(resource: str, extra: tuple = ()) -> Op:
         read = kv_new if p.phase == "prefill" else kv_read
         return Op("attention", resource, "attention", flops=flops, bytes=read, shape=shape,
-                  dtype=c.weight_dtype, calls=n * CALLS["attention"], overheads=extra, **common)
+                  dtype=c.kv_dtype, calls=n * CALLS["attention"], overheads=extra, **common)
 
     if tier == "device" or c.shared:
         return [attn("device_compute")]

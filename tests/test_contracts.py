@@ -206,3 +206,19 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+def test_decode_attention_time_follows_the_elements_of_the_dtype_it_was_measured_in():
+    """A CPU curve measured with a bfloat16 cache times a float32 cache of the same bytes as half the elements;
+    a curve without a recorded dtype (GPUs, published figures) is bytes per second whatever the dtype."""
+    from planner_fixtures import cpu_profile
+
+    unit = cpu_profile().device
+    assert unit.decode_attention_dtype is None
+    per_bytes = unit.attention_time_s(4e6, 2, "bfloat16")
+    assert per_bytes == pytest.approx(4e6 / unit.decode_attention_Bps.at(2e6))
+    assert unit.attention_time_s(4e6, 2, "float32") == per_bytes
+    cpu = unit.model_copy(update={"decode_attention_dtype": "bfloat16"})
+    assert cpu.attention_time_s(4e6, 2, "bfloat16") == per_bytes
+    assert cpu.attention_time_s(8e6, 2, "float32") == pytest.approx(per_bytes)  # same elements, same time
+    assert unit.model_copy(update={"decode_attention_Bps": None}).attention_time_s(4e6, 2, "float32") is None

@@ -21,7 +21,7 @@ from specplan.contracts.hardware import Curve, Link, Point
 from specplan.engine.measure import links as pl
 from specplan.engine.measure.compute import decode_attention
 from specplan.engine.measure.timing import CpuUsage, Ticker, interleaved_seconds
-from specplan.engine.measure.profiler import ProfileConfig, measure_profile
+from specplan.engine.measure.profiler import ProfileConfig, measure_profile, plans_dtype
 from specplan.errors import SpecplanError
 from specplan.jsonio import load, write_json
 from specplan.machine import here
@@ -57,6 +57,7 @@ def test_schema_roundtrip_and_content(profile, runs, tmp_path):
     pv = profile.provenance
     assert pv.kind == "measured" and pv.torch_version == torch.__version__ and pv.hostname and pv.cpu_name
     assert (pv.cpu_name, pv.engine_digest) == here() and pv.foreign(*here()) == []
+    assert profile.device.decode_attention_dtype == plans_dtype(profile.device.dtypes)  # a CPU's: in elements
     assert "shared memory" in pv.notes and pv.source is None
     # no GPU here: one CPU measured once serves as device and host, no host<->device links
     assert profile.shared_memory and profile.device == profile.host and profile.device.kind == "cpu"

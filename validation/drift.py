@@ -153,7 +153,7 @@ def compute_figures(plan: Plan, timeline: Timeline, dtype: str) -> list[Figure]:
         slow = 1.0 if draft else shapes.streaming  # the disk stream's slowdown of the target's compute
         if e.name.endswith("attention"):
             if e.bytes and unit.decode_attention_Bps is not None:
-                t = e.bytes / unit.decode_attention_Bps.at(e.bytes)
+                t = unit.attention_time_s(e.bytes, 1, dtype)
                 add(resource, "decode_attention_Bps", "Bps", e.bytes, e, t, (slow - 1) * t)
         elif e.flops > 0 and e.bytes > 0:
             params = e.bytes / item  # the weights the op multiplies by (its bytes are theirs): rows = flops / 2 / params

@@ -180,7 +180,9 @@ def measure_unit(config: ProfileConfig, device: str, dtypes: list[str], name: st
     ticker.tick(f"memory bandwidth ({device})")
     unit = ComputeUnit(
         kind="cuda" if device == "cuda" else "cpu", name=name, memory_bytes=memory_bytes, memory_bandwidth_Bps=membw,
-        matmul=matmul, decode_attention_Bps=attention, elementwise_Bps=elementwise, threads=None if device == "cuda" else torch.get_num_threads(),
+        matmul=matmul, decode_attention_Bps=attention,
+        decode_attention_dtype=None if device == "cuda" else plans_dtype(dtypes), elementwise_Bps=elementwise,
+        threads=None if device == "cuda" else torch.get_num_threads(),
     )
     notes = [note, f"decode attention: the engine's attend (SDPA, bool mask, GQA), {spec.name} geometry "
                    f"({spec.num_heads} heads, {spec.num_kv_heads} KV heads of {spec.head_dim}), {plans_dtype(dtypes)}, "

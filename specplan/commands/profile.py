@@ -202,7 +202,8 @@ def print_profile(p) -> None:
                                [(f"{c.dtype} {c.k}x{c.n}", c.flops) for c in u.matmul], lambda x: f"{x:g}",
                                lambda y: human_rate(y, "")))
         if u.decode_attention_Bps:
-            con.print(_curve_table(f"{label} decode attention: KV bytes read per second over KV bytes per call",
+            kv = f", a {u.decode_attention_dtype} cache" if u.decode_attention_dtype else ""
+            con.print(_curve_table(f"{label} decode attention: KV bytes read per second over KV bytes per call{kv}",
                                    [("bandwidth", u.decode_attention_Bps)], human_bytes, lambda y: human_rate(y, "B/s")))
 
     t = Table(title="links: effective bandwidth size / time_s(size)")

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from specplan.contracts.strict import Strict
+from specplan.contracts.tensors import dtype_bytes
 from specplan.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -184,6 +185,10 @@ class ComputeUnit(Strict):
     #: decode attention (one query token per sequence over its KV cache): bytes of KV read per second,
     #: over the KV bytes read by one call.
     decode_attention_Bps: Curve | None = None
+    #: the cache's dtype that curve was measured in, where its time follows the elements read rather than the bytes
+    #: (a CPU's SDPA: a bfloat16 cache reads half the bytes per second of a float32 one); None: the rate is bytes per
+    #: second whatever the dtype (a GPU's attention is bound by memory bandwidth; published figures)
+    decode_attention_dtype: str | None = None
     #: the engine's elementwise work around a layer's matmuls (norms, rope, activation, gathers, residuals), as the
     #: matmuls' activation bytes (``contracts.rows``) per second, by the activations' dtype; None: not measured
     #: (charged nothing)
@@ -193,6 +198,15 @@ class ComputeUnit(Strict):
     @property
     def dtypes(self) -> list[str]:
         return sorted({c.dtype for c in self.matmul})
+
+    def attention_time_s(self, kv_bytes: float, calls: float, dtype: str | None) -> float | None:
+        """Seconds of decode attention reading ``kv_bytes`` of a ``dtype`` cache in ``calls`` calls, at the measured
+        rate of the same number of elements in ``decode_attention_dtype`` where that is recorded; None: not measured."""
+        if self.decode_attention_Bps is None:
+            return None
+        measured = self.decode_attention_dtype
+        read = kv_bytes * (dtype_bytes(measured) / dtype_bytes(dtype) if measured and dtype else 1.0)
+        return read / self.decode_attention_Bps.at(read / max(calls, 1))
 
     def blocks(self, dtype: str) -> bool:
         """Whether resident weights of ``dtype`` are kept blocked: the profile measured blocked curves for it (the
