@@ -121,15 +121,16 @@ def measured_profiles() -> list[Path]:
 
 
 def current_profiles() -> list[Path]:
-    """This machine's measured profiles that are neither stale nor foreign (measured on another CPU or with other
-    engine code, ``Provenance.foreign``), newest first; unreadable ones are left out."""
+    """This machine's measured profiles that are not stale and were measured on this CPU with this engine code
+    (both recorded and equal: one that does not record them is of unknown code), newest first; unreadable ones are
+    left out."""
     out = []
     for path in measured_profiles():
         try:
             pv = load(HardwareProfile, path).provenance
         except SpecplanError:
             continue
-        if not pv.stale() and not pv.foreign(*here()):
+        if not pv.stale() and (pv.cpu_name, pv.engine_digest) == here():
             out.append(path)
     return out
 

@@ -182,8 +182,8 @@ def test_a_profile_of_another_cpu_or_other_engine_code_is_foreign():
 
 
 def test_the_default_profile_is_the_newest_current_one():
-    """A newer profile of other engine code (or another CPU, or stale) is passed over for an older current one;
-    with none current, the newest measured one is used and its warnings say why."""
+    """A newer profile of other engine code (or another CPU, or stale, or one that does not record them) is passed
+    over for an older current one; with none current, the newest measured one is used and its warnings say why."""
     cpu, digest = here()
     d = user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -191,13 +191,14 @@ def test_the_default_profile_is_the_newest_current_one():
     for i, (name, p) in enumerate([("current", foreign_of(cpu, digest, 1.0)),
                                    ("stale", foreign_of(cpu, digest, 30.0)),
                                    ("other-cpu", foreign_of("Intel Xeon (2 logical cores)", digest)),
-                                   ("other-code", foreign_of(cpu, "0123456789abcdef"))]):
+                                   ("other-code", foreign_of(cpu, "0123456789abcdef")),
+                                   ("unrecorded", foreign_of(None, None, 2.0))]):
         paths[name] = write_json(d / f"{name}.json", p.model_copy(update={"name": name}))
-        os.utime(paths[name], (1e9 + i, 1e9 + i))  # file times: "other-code" is the newest
+        os.utime(paths[name], (1e9 + i, 1e9 + i))  # file times: "current" the oldest, "unrecorded" the newest
     try:
         assert current_profiles() == [paths["current"]] and profile_path(None) == paths["current"]
         paths["current"].unlink()
-        assert current_profiles() == [] and profile_path(None) == paths["other-code"]
+        assert current_profiles() == [] and profile_path(None) == paths["unrecorded"]
         r = run("profile", "--show", "other-code")
         assert r.exit_code == 0 and "warning: the profile was measured with other engine code" in r.output
     finally:

@@ -2,7 +2,7 @@
 
     1 build     the demo MoE (SmolLM2-135M-Instruct upcycled into a Mixtral-architecture MoE) and its draft
                 (SmolLM2 itself), cached
-    2 profile   this machine (`specplan profile --quick`, in a child process), unless a measured profile exists
+    2 profile   this machine (`specplan profile --quick`, in a child process), unless a current one exists
     3 calibrate the draft's acceptance: a short speculative run on held-out prompts, in its own fresh process,
                 writes calibration.json
     4 search    the best plan under a resident budget that leaves most experts on disk, with the measured

@@ -18,8 +18,8 @@ MAX_REPS = 20
               help="Resident-weight budget in GiB; the demo target holds about 2.4 GiB of weights in float32 (1.2 GiB "
                    "in bfloat16), so the rest streams from disk.")
 @click.option("--profile", "profile_arg", metavar="NAME|FILE", default=None,
-              help="Hardware profile [default: this machine's newest measured one, measured now (--quick) if there "
-                   "is none].")
+              help="Hardware profile [default: this machine's newest current one (measured on this CPU with this "
+                   "engine code in the last week), measured now (--quick) if there is none].")
 @click.option("--num-prompts", type=click.IntRange(min=1, max=MAX_PROMPTS), default=16, show_default=True, help="Prompts to run.")
 @click.option("--gen-len", type=click.IntRange(min=1, max=MAX_TOKENS), default=32, show_default=True, help="New tokens per prompt.")
 @click.option("-o", "--output", "out_dir", metavar="DIR", default="results/demo", show_default=True,

@@ -27,7 +27,8 @@ DEFAULT_PROMPT_LEN, DEFAULT_GEN_LEN, DEFAULT_NUM_PROMPTS = 512, 128, 256
 @click.option("--disk", type=GIB, default=None,
               help="Disk budget for offloaded weights in GiB [default: unlimited].")
 @click.option("--profile", "profile_arg", default=None,
-              help="Hardware profile: bundled name or file [default: this machine's newest measured profile].")
+              help="Hardware profile: bundled name or file [default: this machine's newest current profile (this "
+                   "CPU, this engine code, under a week old), else its newest measured one].")
 @click.option("--draft", "drafts", multiple=True,
               help="Draft to consider (repeatable): none, substitute:int8, substitute:int4 (optionally :g<group "
                    "size> and :hqq, e.g. substitute:int4:g128:hqq), or a catalog name / model folder sharing the "

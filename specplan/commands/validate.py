@@ -20,7 +20,8 @@ MAX_REPS = 20
               help="Device (without a GPU: resident-weight) budget in GiB; repeat it to span resident fractions "
                    "(the search runs at each, the grid takes plans from all).")
 @click.option("--profile", "profile_arg", default=None, metavar="NAME|FILE",
-              help="Hardware profile [default: this machine's newest measured profile].")
+              help="Hardware profile [default: this machine's newest current profile (this CPU, this engine "
+                   "code, under a week old), else its newest measured one].")
 @click.option("--draft", "drafts", multiple=True, metavar="D",
               help="Draft to include (repeatable): none or a draft model folder [default: none only].")
 @click.option("--acceptance", type=click.FloatRange(0, 1), default=None,
