@@ -57,7 +57,8 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
                                                            else " (cached)"))
 
     say("[bold]2/6 hardware profile[/bold]")
-    if profile_arg is None and not current_profiles():
+    current = current_profiles() if profile_arg is None else []
+    if profile_arg is None and not current:
         say("no current profile of this machine (measured on this CPU, with this engine code, in the last week): "
             "measuring one (specplan profile --quick)")
         if subprocess.run([sys.executable, "-m", "specplan", "profile", "--quick"]).returncode != 0:
@@ -67,7 +68,8 @@ def run_demo(vram: float, profile_arg: str | None, num_prompts: int, gen_len: in
             say(f"[bold yellow]the machine was busy: this demo plans on the refused, contended measurement "
                 f"{contended_profiles()[0]} (not stored as this machine's profile); its predictions are off by "
                 f"what the other processes took, and every run's drift report says so[/bold yellow]")
-    prof = profile_arg or str((current_profiles() or contended_profiles() or measured_profiles())[0])
+        current = current_profiles()
+    prof = profile_arg or str((current or contended_profiles() or measured_profiles())[0])
     say(f"profile {prof}")
 
     texts = read_prompts(None)
