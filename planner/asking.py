@@ -56,7 +56,7 @@ def make_ask(model: str, vram: float, ram: float | None, disk: float | None, pro
     local = model_weights(model)
     caps = capacities(profile, vram, ram, disk)
     calib = load(Calibration, calibration) if calibration else None
-    draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib, sampling)
+    draft_choices = choices(list(drafts) or None, spec, spec.name, acceptance, calib, sampling, profile)
     workload = Workload(prompt_len=prompt_len, gen_len=gen_len, num_prompts=num_prompts, sampling=sampling)
     return Ask(spec=spec, model_name=spec.name, profile=profile, capacities=caps, workload=workload,
                drafts=tuple(draft_choices), top=top, model_path=local, command=command,

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from specplan.contracts.calibration import Calibration
+from specplan.contracts.hardware import HardwareProfile
 from specplan.contracts.model import ModelSpec
 from specplan.contracts.plan import DraftSpec, Sampling
 from specplan.errors import SpecplanError
@@ -149,8 +150,21 @@ def acceptance_for(draft: DraftSpec, target_name: str, fixed: float | None, cali
     return DraftChoice(draft, prior[0], f"prior (assumption, not measured): {prior[1]}{note}", False)
 
 
+def uncostable(spec: DraftSpec, profile: HardwareProfile) -> str | None:
+    """Why ``profile`` cannot time ``spec``, or None: a substitute on a CPU runs on torch's low-bit CPU kernels,
+    whose rates the profile holds only where they were fast enough to profile (``specplan profile --show`` says)."""
+    if spec.kind != "substitute" or profile.device.kind != "cpu" or f"int{spec.bits}" in profile.device.dtypes:
+        return None
+    return (f"the profile has no int{spec.bits} matmul rates (the profiler leaves out low-bit kernels much slower "
+            f"than float32 on this CPU; `specplan profile --show` says how slow): a {spec.label} draft cannot be "
+            f"timed here")
+
+
 def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed: float | None,
-            calibration: Calibration | None, sampling: Sampling = Sampling()) -> list[DraftChoice]:
+            calibration: Calibration | None, sampling: Sampling = Sampling(),
+            profile: HardwareProfile | None = None) -> list[DraftChoice]:
+    """The drafts to search with their acceptance; ``values`` None: ``default_drafts`` less those ``profile``
+    cannot time (asked for by name, such a draft is an error)."""
     labels = values or default_drafts(target)
     out, seen = [], set()
     for v in labels:
@@ -158,5 +172,10 @@ def choices(values: list[str] | None, target: ModelSpec, target_name: str, fixed
         if spec.label in seen:
             continue
         seen.add(spec.label)
+        why = uncostable(spec, profile) if profile is not None else None
+        if why and values:
+            raise SpecplanError(f"--draft {v}: {why}; search without it")
+        if why:
+            continue
         out.append(acceptance_for(spec, target_name, fixed, calibration, sampling))
     return out

@@ -18,12 +18,14 @@ def curve(x_name: str, y_name: str, pts: list[tuple[float, float]]) -> Curve:
     return Curve(x_name=x_name, y_name=y_name, points=[Point(x=x, y=Stat.of(y)) for x, y in pts])
 
 
-def cpu_profile(disk_Bps: float = 2.7e9, name: str = "test-cpu") -> HardwareProfile:
-    """Numbers of the order of this machine (2 cores, fp32 ~140 GFLOP/s, O_DIRECT ~2.7 GB/s); not measured."""
+def cpu_profile(disk_Bps: float = 2.7e9, name: str = "test-cpu", lowbit: bool = True) -> HardwareProfile:
+    """Numbers of the order of this machine (2 cores, fp32 ~140 GFLOP/s, O_DIRECT ~2.7 GB/s); not measured.
+    ``lowbit``: the substitute's int8 / int4 kernels profiled (at float32's rates), so substitutes can be timed."""
+    fp32 = curve("rows", "flops", [(1, 6e9), (8, 40e9), (64, 120e9), (512, 140e9)])
     unit = ComputeUnit(
         kind="cpu", name="test cpu", memory_bytes=24 * GiB, memory_bandwidth_Bps=Stat.of(12e9), threads=2,
-        matmul=[MatmulCurve(dtype="float32", k=4096, n=4096,
-                            flops=curve("rows", "flops", [(1, 6e9), (8, 40e9), (64, 120e9), (512, 140e9)]))],
+        matmul=[MatmulCurve(dtype=d, k=4096, n=4096, flops=fp32)
+                for d in ("float32", *(("int8", "int4") if lowbit else ()))],
         decode_attention_Bps=curve("kv_bytes", "bandwidth_Bps", [(1e4, 2e9), (1e7, 8e9)]),
     )
     disk = Link(bandwidth_Bps=curve("size_bytes", "bandwidth_Bps", [(65536, 0.6e9), (2**24, disk_Bps)]),

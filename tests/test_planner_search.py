@@ -12,7 +12,7 @@ from planner_fixtures import GiB, cpu_profile
 from specplan.catalog import load_model_spec, load_profile
 from specplan.cli import main
 from specplan.contracts import Capacities, Plan, Workload
-from specplan.errors import InfeasibleError
+from specplan.errors import InfeasibleError, SpecplanError
 from specplan.jsonio import load, write_json
 from specplan.planner.drafts import choices
 from specplan.planner.explain import binding_resource, faster
@@ -205,3 +205,17 @@ def test_a_substitute_with_its_group_size_and_quantiser(tmp_path):
         bytes_at[draft] = costing_of(plan).quantised("expert")
     assert load(Plan, tmp_path / "substitute-int4-g128-hqq.json").draft.quantiser == "hqq"
     assert bytes_at["substitute:int4:g128:hqq"] < bytes_at["substitute:int4"]
+
+
+def test_substitutes_need_the_low_bit_rates_of_a_cpu_profile():
+    """A CPU profile without int4 rates (the profiler leaves out low-bit kernels far slower than float32) cannot time
+    a substitute:int4 draft: the default drafts leave it out, asked for by name it is a one-line error."""
+    spec, prof = load_model_spec("olmoe-1b-7b"), cpu_profile(lowbit=False)
+    labels = [c.label for c in choices(None, spec, spec.name, None, None, profile=prof)]
+    assert "none" in labels and not [x for x in labels if x.startswith("substitute")]
+    with pytest.raises(SpecplanError, match=r"--draft substitute:int4: the profile has no int4 matmul rates"):
+        choices(["none", "substitute:int4"], spec, spec.name, None, None, profile=prof)
+    # with the rates measured they are searched; published GPU profiles keep their substitutes
+    assert "substitute:int4" in [c.label for c in choices(None, spec, spec.name, None, None, profile=cpu_profile())]
+    gpu = load_profile("rtx4090-pcie4")
+    assert "substitute:int8" in [c.label for c in choices(None, spec, spec.name, None, None, profile=gpu)]

@@ -129,20 +129,32 @@ def curve_keys(shapes: tuple[tuple[int, int], ...], dtypes: list[str],
             + [(d, k, n, True) for d in blocked_dtypes(dtypes, blocked) for k, n in shapes])
 
 
-def dtype_speed_ratio(dtype: str, device: str, reps: int, min_sample_s: float, k: int = 2048, m: int = 256) -> float:
-    """Rate of ``dtype`` relative to float32 on one prefill-like ``F.linear`` (m x k x k)."""
-    t = {d: sample_seconds(linear_call(weight_copies(k, k, d, device, 0), m), reps, min_sample_s, device == "cuda")
+def dtype_speed_ratio(dtype: str, device: str, reps: int, min_sample_s: float, k: int = 2048, m: int = 256,
+                      activations: str = "float32") -> float:
+    """Rate of ``dtype`` relative to float32 on one ``F.linear`` (m x k x k; a low-bit dtype: its kernel with
+    activations in ``activations``)."""
+    t = {d: sample_seconds(linear_call(weight_copies(k, k, d, device, 0, activations), m), reps, min_sample_s,
+                           device == "cuda")
          for d in ("float32", dtype)}
     return t["float32"].median / t[dtype].median
+
+
+#: a low-bit kernel is profiled (and a substitute draft can be planned) only when it runs at least this fraction of
+#: float32's rate at decode rows: a slower one cannot beat the weights it replaces (torch's int8 kernel ran at
+#: ~0.05x float32 on an AVX2-only EPYC, where profiling it at every row count took half an hour)
+LOWBIT_MIN_RATIO = 0.5
+#: the decode-shaped rows the low-bit kernels are judged at
+LOWBIT_PROBE_ROWS = 16
 
 
 def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[list[str], str]:
     """The matmul dtypes worth profiling on ``device``, and a note saying why.
 
     On CUDA: float32, float16 and bfloat16 where the GPU supports it. On a CPU: float32, plus bfloat16 only when it
-    runs at least half as fast as float32 (on CPUs without AMX/bf16 units it is several times slower, and the engine
-    converts such weights to float32 to compute), plus the low-bit ``LOWBIT_DTYPES`` the engine's substitute drafts
-    run on the CPU (the planner takes them for a substitute's copies only, never as a weight dtype).
+    runs at least half as fast as float32 (on CPUs without bf16 units it is several times slower, and the engine
+    converts such weights to float32 to compute), plus each low-bit ``LOWBIT_DTYPES`` kernel the engine's
+    substitute drafts run on the CPU that reaches ``LOWBIT_MIN_RATIO`` of float32 at ``LOWBIT_PROBE_ROWS`` rows
+    (the planner takes them for a substitute's copies only, never as a weight dtype).
     """
     if device == "cuda":
         import torch
@@ -150,13 +162,22 @@ def well_supported_dtypes(device: str, reps: int, min_sample_s: float) -> tuple[
         dtypes = ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
         return dtypes, f"device matmul dtypes: {', '.join(dtypes)}"
     ratio = dtype_speed_ratio("bfloat16", device, reps, min_sample_s)
-    lowbit = (f"; the substitute draft's low-bit matmuls {', '.join(LOWBIT_DTYPES)} (weight-only, torch's CPU "
-              f"kernels)")
-    if ratio >= 0.5:
-        return (["float32", "bfloat16", *LOWBIT_DTYPES],
-                f"bfloat16 F.linear runs at {ratio:.2f}x float32 here: profiled{lowbit}")
-    return ["float32", *LOWBIT_DTYPES], (f"bfloat16 F.linear runs at {ratio:.2f}x float32 here (2048x2048, m=256): "
-                                         f"not profiled; the engine computes in float32 on this CPU{lowbit}")
+    floats = ["float32", "bfloat16"] if ratio >= 0.5 else ["float32"]
+    note = (f"bfloat16 F.linear runs at {ratio:.2f}x float32 here: profiled" if ratio >= 0.5 else
+            f"bfloat16 F.linear runs at {ratio:.2f}x float32 here (2048x2048, m=256): not profiled; the engine "
+            f"computes in float32 on this CPU")
+    lowbit, slow = [], []
+    for d in LOWBIT_DTYPES:
+        r = dtype_speed_ratio(d, device, reps, min_sample_s, m=LOWBIT_PROBE_ROWS, activations=floats[-1])
+        (lowbit if r >= LOWBIT_MIN_RATIO else slow).append(f"{d} {r:.2f}x")
+    kept = [d.split()[0] for d in lowbit]
+    if lowbit:
+        note += (f"; the substitute draft's low-bit matmuls {', '.join(lowbit)} float32 (weight-only, torch's CPU "
+                 f"kernels, 2048x2048, m={LOWBIT_PROBE_ROWS}): profiled")
+    if slow:
+        note += (f"; low-bit kernels {', '.join(slow)} float32 (2048x2048, m={LOWBIT_PROBE_ROWS}, under "
+                 f"{LOWBIT_MIN_RATIO}x): not profiled, so no substitute draft of that kind is planned on this CPU")
+    return [*floats, *kept], note
 
 
 def decode_attention(q, k, v, mask):
