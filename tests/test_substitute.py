@@ -188,7 +188,7 @@ def test_the_planner_costs_substitute_steps_at_the_measured_low_bit_rates():
     from specplan.contracts.hardware import MatmulCurve
     from specplan.planner.predict import predict
 
-    base = cpu_profile()
+    base = cpu_profile(lowbit=False)
 
     def with_int4(rate: float):
         int4 = MatmulCurve(dtype="int4", k=4096, n=4096, flops=curve("rows", "flops", [(1, rate), (512, rate)]))
