@@ -3,7 +3,8 @@
     compute:   max(flops / achieved_flops(shape, dtype), bytes / memory_bandwidth) + act_bytes / elementwise_Bps
                + calls * per_op_s (an elementwise op: its bytes at elementwise_Bps)
     attention: the same, with the bytes (the KV cache read) at the measured decode-attention rate
-    transfer:  calls * (bytes / calls / link_bandwidth(bytes / calls) + latency)
+    transfer:  calls * (bytes / calls / link_bandwidth(bytes / calls) + latency); a disk read that is part of a
+               larger read of R bytes (a whole layer): bytes * (R / link_bandwidth(R) + latency) / R
     plus the fixed costs the op names (per layer, per step, thread hand-off), from ``profile.overheads``.
 
 This is the only place the formulas live; search, prediction and simulator all call ``op_time_s``.
@@ -76,6 +77,8 @@ def transfer_time_s(op: Op, profile: HardwareProfile) -> float:
     if op.resource == "d2h":
         return op.calls * profile.d2h_time_s(size)
     if op.resource == "disk_read":
+        if op.read_bytes:  # its share of one larger read
+            return op.bytes * profile.disk_read_time_s(op.read_bytes, direct=profile.disk.o_direct) / op.read_bytes
         return op.calls * profile.disk_read_time_s(size, direct=profile.disk.o_direct)
     if op.resource == "disk_write":
         link = profile.link("disk_write")

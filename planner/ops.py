@@ -41,6 +41,10 @@ class Op:
     blocked: bool = False
     #: indices (in the same program, all smaller than this op's) of ops that must finish before this one starts.
     deps: tuple[int, ...] = ()
+    #: a disk read that is part of a larger read the engine issues (a layer's streamed tensors read as one unit,
+    #: ``engine/io/prefetch.make_unit``): the size of that read, whose rate the bytes move at; None: each of the
+    #: ``calls`` is one read of ``bytes / calls``
+    read_bytes: float | None = None
     #: kernel launches / reads this record stands for (each pays the per-op overhead; a transfer of ``bytes`` is
     #: ``calls`` reads of ``bytes / calls``). May be fractional for an expected count.
     calls: float = 1

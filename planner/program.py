@@ -297,7 +297,7 @@ def is_serial(op: Op, prefetch_depth: int = 1) -> bool:
 
 def _cost_key(op: Op) -> tuple:
     return (op.resource, op.kind, op.flops, op.bytes, op.act_bytes, op.shape, op.dtype, op.calls, op.overheads,
-            op.prob)
+            op.prob, op.read_bytes)
 
 
 def op_times(ops, profile: HardwareProfile, expected: bool = True, streaming: bool = False) -> list[float]:

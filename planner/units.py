@@ -112,6 +112,20 @@ class Costing:
         return {kind: n * param_bytes(self.spec, group[kind], self.weight_dtype)
                 for kind, n in self.params.items()}
 
+    def layer_read_bytes(self, whole: bool) -> float:
+        """The size of the read a layer's scheduled fetch issues: the engine reads a layer's streamed tensors as one
+        unit, merging neighbours in the offload file (``engine/io/prefetch.make_unit``). ``whole`` (whole-layer
+        fetches): attention and the dense MLP, or every expert and the shared one; else (routed experts, each its
+        own read) the layer without its experts. Averaged over the layers, and all of it: the LP prices a unit
+        before the placement says how much of its layer is on disk, so where most of a layer is resident this is
+        an upper bound of the read. The layer's non-expert units are priced at ``whole=False`` in both fetch modes
+        (the LP prices them apart from the experts' mode; in a whole-layer read they are a few percent of it)."""
+        s, sz = self.spec, self.sizes
+        moe = len(s.moe_layers)
+        per_moe = sz["attention"] + sz["shared"] + (s.num_experts * sz["expert"] if whole else 0.0)
+        per_dense = sz["attention"] + sz["mlp"]
+        return (moe * per_moe + (s.num_layers - moe) * per_dense) / s.num_layers
+
     def kv_layer_bytes(self, seqs: int, positions: int) -> int:
         """KV bytes of one layer for ``seqs`` sequences of ``positions`` positions, at the KV dtype."""
         return kv_bytes(self.spec, self.kv_dtype, seqs, positions, layers=1)
@@ -190,12 +204,13 @@ class Pass:
 
 
 def fetch_ops(c: Costing, p: Pass, name: str, group: str, nbytes: float, tier: str, *, to: str = "device",
-              prob: float = 1.0, on_demand: bool = False, calls: float = 1) -> list[Op]:
+              prob: float = 1.0, on_demand: bool = False, calls: float = 1, read_bytes: float | None = None) -> list[Op]:
     """Bring ``nbytes`` of a ``tier`` tensor to where it is computed (``to``: device or host).
 
     Disk: a read (into host staging on a GPU machine, device staging without one), then host->device on a GPU.
     Host -> device: one copy. Nothing when the tensor already lives where it is computed. The slot index is a
-    placeholder (0): the program sets it from the layer's position.
+    placeholder (0): the program sets it from the layer's position. ``read_bytes``: the read is part of one of that
+    size (``Costing.layer_read_bytes``).
     """
     if tier == to or nbytes <= 0 or (c.shared and tier != "disk"):
         return []
@@ -203,7 +218,8 @@ def fetch_ops(c: Costing, p: Pass, name: str, group: str, nbytes: float, tier: s
     ops = []
     if tier == "disk":
         pool = "device" if c.shared else "host"
-        ops.append(Op(f"{name}.read", "disk_read", "transfer", bytes=nbytes, slot=(pool, 0), **common))
+        ops.append(Op(f"{name}.read", "disk_read", "transfer", bytes=nbytes, slot=(pool, 0), read_bytes=read_bytes,
+                      **common))
     if to == "device" and not c.shared:
         ops.append(Op(f"{name}.h2d", "h2d", "transfer", bytes=nbytes, slot=("device", 0), **common))
     return ops
@@ -240,7 +256,8 @@ def _weight_dtype(c: Costing, p: Pass, tier: str) -> str:
 
 def attention_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[Op]:
     s, rows = c.spec, p.rows
-    fetch = [] if p.substitute else fetch_ops(c, p, "attn", "attention", n * c.sizes["attention"], tier, calls=n)
+    fetch = [] if p.substitute else fetch_ops(c, p, "attn", "attention", n * c.sizes["attention"], tier, calls=n,
+                                              read_bytes=c.layer_read_bytes(False))
     act = attention_activation_bytes(rows, s.hidden_size, s.q_dim, s.kv_dim, c.act)
     compute = Op("attn_proj", "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params["attention"],
                  bytes=n * (_weight_bytes(c, p, "attention", tier) + act), act_bytes=n * act,
@@ -289,7 +306,8 @@ def ffn_ops(c: Costing, k: Knobs, p: Pass, kind: str, tier: str, n: float = 1) -
     s, rows = c.spec, p.rows
     width = s.intermediate_size if kind == "mlp" else s.shared_expert_intermediate_size
     group = "mlp" if kind == "mlp" else "shared_experts"
-    fetch = [] if p.substitute else fetch_ops(c, p, kind, group, n * c.sizes[kind], tier, calls=n)
+    fetch = [] if p.substitute else fetch_ops(c, p, kind, group, n * c.sizes[kind], tier, calls=n,
+                                              read_bytes=c.layer_read_bytes(False))
     act = ffn_activation_bytes(rows, s.hidden_size, width, c.act)
     compute = Op(kind, "device_compute", "matmul", flops=n * 2 * rows * c.matmul_params[kind],
                  bytes=n * (_weight_bytes(c, p, kind, tier) + act), act_bytes=n * act, shape=(rows, s.hidden_size, width),
@@ -310,7 +328,8 @@ def expert_ops(c: Costing, k: Knobs, p: Pass, tier: str, n: float = 1) -> list[O
     routed = k.expert_fetch == "routed" and p.phase != "prefill"
     fetch = [] if p.substitute else fetch_ops(
         c, p, name, "experts", n * c.sizes["expert"], tier, to="host" if on_host else "device",
-        prob=prob if routed else 1.0, on_demand=routed, calls=n)
+        prob=prob if routed else 1.0, on_demand=routed, calls=n,
+        read_bytes=None if k.expert_fetch == "routed" else c.layer_read_bytes(True))
     act = ffn_activation_bytes(m, s.hidden_size, s.moe_intermediate_size, c.act)
     compute = Op(name, "host_compute" if on_host else "device_compute", "matmul",
                  flops=n * 2 * m * c.matmul_params["expert"],

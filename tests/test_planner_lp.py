@@ -48,7 +48,7 @@ def lp_plan(ask, cand, lp):
     plan = hand_plan(ask.spec, ask.profile, decode_batch=cand.shape.decode_batch, prefill_batch=cand.shape.prefill_batch,
                      workload=WORKLOAD, device_gib=ask.capacities.device_bytes / GiB,
                      prefetch_depth=cand.knobs.prefetch_depth)
-    k = knobs_of(lp.base, lp.modes)
+    k = knobs_of(lp.base, {f: (m,) for f, m in sol.modes.items()})  # the policy the solution uses
     plan = plan.model_copy(update={"placement": spread(ask.spec, sol.counts),
                                    "policy": plan.policy.model_copy(update=dict(
                                        attention_on=k.attention_on, experts_on=k.experts_on,
