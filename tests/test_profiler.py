@@ -152,6 +152,10 @@ def test_two_runs_agree_within_noise(runs):
         return f
 
     fa, fb = figures(a), figures(b)
+    # per_layer_s is a difference of two timed forwards (minus their linears): on this VM it has come out anywhere
+    # from ~50 to ~800 us, so it is compared above a floor of 100 us (a unit slip of a ~0.5 ms figure is still 10x)
+    floor = {"per_layer_s": 100e-6}
+    fa, fb = ({k: max(v, floor.get(k, 0.0)) for k, v in f.items()} for f in (fa, fb))
     ratios = {k: max(fa[k], fb[k]) / min(fa[k], fb[k]) for k in fa}
     print("two tiny runs, ratio of figures:", {k: round(v, 2) for k, v in ratios.items()})
     assert all(r <= 5 for r in ratios.values()), ratios
